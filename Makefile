@@ -1,0 +1,31 @@
+# The two commands: `make demo` and `make test` (each sets up .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tokfleet-installed
+EXTRAS ?= dev,s3
+# Ray, SLURM and S3 servers must stay on loopback on these machines: run confined when root.
+CONFINED := $(PY) -m launch.netns --
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# the CPU build of torch first (on this machine's disk); a bare `torch` would pull CUDA
+	$(PY) -m pip install -q torch==2.13.0 -c constraints.txt
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" -c constraints.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(VENV)/bin/tokfleet demo
+
+test: setup
+	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(CONFINED) $(PY) -m pytest -q tests --ignore=tests/bench
+
+bench: setup
+	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(CONFINED) $(PY) -m pytest -q -s tests/bench
+
+clean:
+	rm -rf $(VENV) demo runs

@@ -1,0 +1,230 @@
+"""The `tokfleet` command line: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from launch.errors import UserError, exit_on_user_error
+
+DESCRIPTION = """tokfleet: train token-based generative models (text, MEG/EEG, video) from one
+config per stage, on one device or a cluster. Stages: prepare (corpus -> shards) -> train ->
+generate. Every command takes --help; bad input exits with code 2 and one line saying why."""
+
+
+# ------------------------------------------------------------------ prepare
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from launch.config import PrepareConfig, dump_config, load_config
+
+    with exit_on_user_error(args.debug):
+        cfg = load_config(args.config, PrepareConfig, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return
+        from launch.netns import ensure_confined
+
+        ensure_confined()  # Ray stays on loopback on shared machines
+        from sharding.pretokenize_text import prepare_text
+        from sharding.ray_runtime import init_ray
+
+        init_ray(cfg.ray)
+        manifest = prepare_text(cfg, progress=not args.quiet)
+    num_train = sum(s.num_samples for s in manifest.shards if s.split == "train")
+    num_val = sum(s.num_samples for s in manifest.shards if s.split == "val")
+    print(f"dataset {cfg.shards.output}: {len(manifest.shards)} shards, {num_train} train + {num_val} val "
+          f"sequences of {manifest.seq_len + 1} tokens, vocab {manifest.vocab_size}, {len(manifest.skipped)} inputs skipped")
+
+
+# ------------------------------------------------------------------ train / demo
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from trainer.entry import run
+
+    run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from launch.demo import run
+
+    run(args)
+
+
+# ------------------------------------------------------------------ generate
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from sharding.text_tokenizer import load_tokenizer
+    from trainer.engines.single import pick_device
+    from trainer.inference import load_model
+
+    with exit_on_user_error(args.debug):
+        device = pick_device(args.device)
+        model, state, tokenizer_dir = load_model(args.checkpoint, device)
+        if tokenizer_dir is None or not tokenizer_dir.is_dir():
+            raise UserError(f"{args.checkpoint}: no tokenizer folder next to the checkpoint's run dir")
+        tokenizer, eos_id = load_tokenizer(str(tokenizer_dir))
+        ids = tokenizer.encode(args.prompt, add_special_tokens=False) if args.prompt else []
+        if not ids:
+            ids = [eos_id]
+        limit = state["model"]["args"]["sequence_len"]
+        max_new = min(args.max_new_tokens, limit - len(ids))
+        if max_new <= 0:
+            raise UserError(f"--prompt is {len(ids)} tokens: no room left in the model's context of {limit}")
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        prompt = torch.tensor([ids] * args.num_samples, device=device)
+        out = model.generate(prompt, max_new, temperature=args.temperature, top_k=args.top_k, generator=generator)
+    for i, row in enumerate(out.tolist()):
+        text = tokenizer.decode(row[len(ids):], skip_special_tokens=False)
+        if args.num_samples > 1:
+            print(f"--- sample {i} ---")
+        print(args.prompt + text)
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    with exit_on_user_error(args.debug):
+        path = args.path
+        if Path(path).is_dir() and not (Path(path) / "manifest.json").exists() or path.endswith("trainer_state.json"):
+            _inspect_checkpoint(path)
+            return
+        from sharding.pretokenize_text import verify_dataset
+        from sharding.manifest import Manifest
+
+        manifest = Manifest.read(path, {})
+        problems = verify_dataset(path)
+    splits: dict[str, list[int]] = {}
+    for shard in manifest.shards:
+        splits.setdefault(shard.split, []).append(shard.num_samples)
+    print(f"dataset {path}: kind {manifest.kind}, vocab {manifest.vocab_size}, seq_len {manifest.seq_len}")
+    for split, counts in splits.items():
+        print(f"  {split}: {len(counts)} shards, {sum(counts)} samples")
+    print(f"  skipped inputs: {len(manifest.skipped)}")
+    if problems:
+        for problem in problems:
+            print(f"  PROBLEM: {problem}")
+        sys.exit(1)
+    print("  all shards verified (size, sha256, sample count)")
+
+
+def _inspect_checkpoint(path: str) -> None:
+    from trainer.checkpoint import read_trainer_state
+    from trainer.inference import resolve_checkpoint
+
+    directory = resolve_checkpoint(path)
+    state = read_trainer_state(directory)
+    size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    model = state["model"]
+    print(f"checkpoint {directory}")
+    print(f"  step {state['step']}, tokens {state['tokens']}, samples {state['samples']}")
+    print(f"  engine {state['engine']}, world size {state['world_size']}")
+    print(f"  model {model['name']} ({model['flavor']}): {json.dumps(model['args'])}")
+    for rank, data_state in enumerate(state["data"]["rank_states"]):
+        positions = data_state["loader"].get("positions", {})
+        print(f"  rank {rank} data: epoch {data_state['epoch']}, {len(positions)} streams positioned")
+    print(f"  size {size / 1e6:.1f} MB")
+
+
+# ------------------------------------------------------------------ models
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from modeling.registry import build_model, get_model_spec, list_models
+
+    for name in list_models():
+        spec = get_model_spec(name)
+        for flavor in spec.flavors:
+            model = build_model(name, flavor, device="meta")
+            print(f"{name:12s} {flavor:8s} {model.num_params() / 1e6:10.2f}M params  task={spec.task}")
+
+
+def cmd_config_reference(args: argparse.Namespace) -> None:
+    from launch.config import PrepareConfig, TrainConfig
+    from launch.schema import describe
+
+    for title, cls in (("train config", TrainConfig), ("prepare config", PrepareConfig)):
+        print(f"## {title}\n\n| key | type | default | meaning |\n|---|---|---|---|")
+        for key, type_name, default, doc in describe(cls):
+            print(f"| `{key}` | {type_name} | `{default}` | {doc} |")
+        print()
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trainer.entry import DESCRIPTION as TRAIN_DESCRIPTION, add_arguments as add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="tokfleet", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prepare = sub.add_parser("prepare", help="turn a corpus into WebDataset shards + manifest (Ray Data)",
+                             description="Read a text corpus, train or load a tokenizer, and pretokenize it with Ray Data "
+                                         "into packed WebDataset shards with a manifest.json. Re-running skips complete shards.")
+    prepare.add_argument("config", help="YAML prepare config")
+    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value (repeatable)")
+    prepare.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+    prepare.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    prepare.set_defaults(func=cmd_prepare)
+
+    train = sub.add_parser("train", help="train a model from a run config", description=TRAIN_DESCRIPTION)
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    generate = sub.add_parser("generate", help="sample text from a trained checkpoint",
+                              description="Load a checkpoint (or a run dir's newest one) and continue a prompt.")
+    generate.add_argument("--checkpoint", required=True, help="checkpoint folder or run dir")
+    generate.add_argument("--prompt", default="", help="text to continue (empty: start from end-of-text)")
+    generate.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
+    generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    generate.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    generate.add_argument("--num-samples", type=int, default=1, help="independent continuations")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    generate.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    generate.set_defaults(func=cmd_generate)
+
+    inspect = sub.add_parser("inspect", help="summarise and verify a dataset or a checkpoint",
+                             description="PATH is a dataset root (manifest.json: every shard is verified), "
+                                         "a checkpoint folder or a run dir. Exit 1 when a shard fails verification.")
+    inspect.add_argument("path", help="dataset root, checkpoint folder or run dir")
+    inspect.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    inspect.set_defaults(func=cmd_inspect)
+
+    models = sub.add_parser("models", help="list registered models and flavors with parameter counts",
+                            description="Every registered model_name and flavor, built on the meta device to count parameters.")
+    models.set_defaults(func=cmd_models)
+
+    reference = sub.add_parser("config-reference", help="print every config key with its type, default and meaning",
+                               description="The config reference as Markdown tables.")
+    reference.set_defaults(func=cmd_config_reference)
+
+    demo = sub.add_parser("demo", help="the end-to-end demo: stdlib corpus -> BPE -> Ray shards -> GPT -> resume -> sample",
+                          description="Runs the main job end to end on this machine (local shards, local Ray, CPU).")
+    demo.add_argument("--workdir", default="demo", help="folder for the dataset and the run")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a train config value (repeatable)")
+    demo.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""The resumable, elastic per-rank shard loader.
+
+The shards of a split are dealt, per (seed, epoch), into `num_streams` logical streams that do
+not depend on the world size: in the epoch's shuffled shard order, stream s gets the shards at
+positions i with i % num_streams == s. Reader (rank r, worker w) of W ranks x w workers owns
+the streams i with i % (W*w) == r*w + worker. Within a shard, samples are visited in a
+per-(seed, epoch, shard) permutation.
+
+A reader interleaves its streams by a rule of the positions alone: the next sample comes from
+the unfinished stream with the fewest consumed samples (ties: lowest stream index). The state
+is therefore just the per-stream positions, `{stream: [shard_in_stream, offset]}` plus epoch
+and seed, and:
+- the same readers resume from it exactly (same order as if never interrupted);
+- states of all readers merged (`merge_states`) resume at any other world size or worker
+  count, every remaining sample read exactly once.
+
+    loader = ShardLoader(manifest, url, "train", rank=r, world_size=W, num_streams=64, seed=s)
+    loader.set_epoch(epoch)
+    for sample in loader:                 # {"__key__": str, "tokens": (seq_len + 1,) array}
+        ...
+    state = loader.state_dict()           # samples yielded so far
+
+With a torch DataLoader and worker processes, use `ShardIterableDataset`: its samples carry
+`__stream__` and `__position__`, which a `LoaderState` in the main process applies as batches
+are consumed, so the authoritative state never depends on what workers prefetched.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from launch.errors import UserError
+from sharding import storage
+from sharding.manifest import Manifest, ShardRecord
+from sharding.shards import decode_sample, split_samples
+
+_SHARD_ORDER, _SAMPLE_ORDER = 0, 1  # keep the two kinds of permutation independent
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng([value % (1 << 63) for value in entropy])
+
+
+def streams_of_reader(num_streams: int, reader: int, num_readers: int) -> list[int]:
+    return [stream for stream in range(num_streams) if stream % num_readers == reader]
+
+
+def _checked_header(state: dict[str, Any], num_streams: int, seed: int) -> None:
+    if state.get("num_streams") != num_streams:
+        raise ValueError(f"loader state has num_streams={state.get('num_streams')}, this loader {num_streams}: keep data.num_streams fixed for a dataset")
+    if state.get("seed") != seed:
+        raise ValueError(f"loader state has seed={state.get('seed')}, this loader {seed}")
+
+
+def _own_positions(state: dict[str, Any], streams: list[int]) -> dict[int, list[int]]:
+    """This reader's positions out of `state` (JSON turns stream keys into strings)."""
+    positions = {int(stream): [int(p) for p in position] for stream, position in state["positions"].items()}
+    missing = [stream for stream in streams if stream not in positions]
+    if missing:
+        raise ValueError(
+            f"loader state has no position for streams {missing[:8]}{'...' if len(missing) > 8 else ''}: "
+            "to resume at another world size, load the merge_states() of every rank's state"
+        )
+    return {stream: positions[stream] for stream in streams}
+
+
+def merge_states(states: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """One state covering the streams of all `states` (e.g. every rank's): loadable at any world size."""
+    states = list(states)
+    if not states:
+        raise ValueError("merge_states needs at least one state")
+    first = states[0]
+    merged: dict[int, list[int]] = {}
+    for state in states:
+        for key in ("epoch", "seed", "num_streams"):
+            if state.get(key) != first.get(key):
+                raise ValueError(f"cannot merge loader states with different {key}: {first.get(key)} and {state.get(key)}")
+        for stream, position in state["positions"].items():
+            stream, position = int(stream), [int(p) for p in position]
+            if merged.get(stream, position) != position:
+                raise ValueError(f"stream {stream} has two different positions: {merged[stream]} and {position}")
+            merged[stream] = position
+    return {"epoch": first["epoch"], "seed": first["seed"], "num_streams": first["num_streams"], "positions": dict(sorted(merged.items()))}
+
+
+class ShardLoader:
+    """One epoch of one reader's samples, in an order fixed by (seed, epoch) and resumable from `state_dict()`."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        dataset_url: str,
+        split: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 1,
+        worker_id: int = 0,
+        num_streams: int = 64,
+        seed: int = 0,
+        shuffle: bool = True,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        if not 0 <= rank < world_size or not 0 <= worker_id < num_workers:
+            raise ValueError(f"need 0 <= rank < world_size and 0 <= worker_id < num_workers, got rank {rank}/{world_size}, worker {worker_id}/{num_workers}")
+        if num_streams < 1:
+            raise ValueError(f"num_streams must be >= 1, got {num_streams}")
+        self.shards: list[ShardRecord] = manifest.shards_of(split)
+        if not self.shards:
+            raise UserError(f"{dataset_url}: the manifest has no shards in split {split!r}")
+        self.dataset_url = dataset_url
+        self.num_streams = num_streams
+        self.seed = seed
+        self.shuffle = shuffle
+        self.storage_options = storage_options
+        self.streams = streams_of_reader(num_streams, rank * num_workers + worker_id, world_size * num_workers)
+        self._loaded: dict[int, tuple[list, np.ndarray]] = {}  # shard id -> (samples in file order, visiting order)
+        self._start_epoch(0)
+
+    # ----------------------------------------------------------- order
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        num_shards = len(self.shards)
+        order = _rng(self.seed, epoch, _SHARD_ORDER).permutation(num_shards) if self.shuffle else np.arange(num_shards)
+        # stream -> shard ids (positions in self.shards), in reading order
+        self._stream_shards = {stream: order[stream :: self.num_streams].tolist() for stream in self.streams}
+        self._positions = {stream: [0, 0] for stream in self.streams}
+        self._loaded.clear()
+
+    def _sample_order(self, shard_id: int) -> np.ndarray:
+        num_samples = self.shards[shard_id].num_samples
+        if not self.shuffle:
+            return np.arange(num_samples)
+        return _rng(self.seed, self.epoch, _SAMPLE_ORDER, shard_id).permutation(num_samples)
+
+    def _consumed(self, stream: int) -> int:
+        shard_in_stream, offset = self._positions[stream]
+        return sum(self.shards[i].num_samples for i in self._stream_shards[stream][:shard_in_stream]) + offset
+
+    def _skip_finished_shards(self, stream: int) -> None:
+        """Move past shards fully read (or empty) so a position always points at a sample or the end."""
+        shard_ids = self._stream_shards[stream]
+        shard_in_stream, offset = self._positions[stream]
+        while shard_in_stream < len(shard_ids) and offset >= self.shards[shard_ids[shard_in_stream]].num_samples:
+            self._loaded.pop(shard_ids[shard_in_stream], None)
+            shard_in_stream, offset = shard_in_stream + 1, 0
+        self._positions[stream] = [shard_in_stream, offset]
+
+    def _is_finished(self, stream: int) -> bool:
+        return self._positions[stream][0] >= len(self._stream_shards[stream])
+
+    def _load(self, shard_id: int) -> tuple[list, np.ndarray]:
+        if shard_id not in self._loaded:
+            shard = self.shards[shard_id]
+            url = storage.join(self.dataset_url, shard.name)
+            try:
+                samples = split_samples(storage.read_bytes(url, self.storage_options))
+            except FileNotFoundError:
+                raise UserError(f"{url}: shard missing (run `tokfleet prepare` again to rebuild it)") from None
+            except ValueError as error:
+                raise UserError(f"{url}: {error} (run `tokfleet prepare` again to rebuild it)") from None
+            if len(samples) != shard.num_samples:
+                raise UserError(f"{url}: {len(samples)} samples, the manifest records {shard.num_samples} (run `tokfleet prepare` again)")
+            self._loaded[shard_id] = (samples, self._sample_order(shard_id))
+        return self._loaded[shard_id]
+
+    # -------------------------------------------------------- iterate
+
+    def iter_with_positions(self) -> Iterator[tuple[int, list[int], dict[str, Any]]]:
+        """(stream, position after this sample, sample) for the rest of the epoch."""
+        for stream in self.streams:
+            self._skip_finished_shards(stream)
+        heap = [(self._consumed(stream), stream) for stream in self.streams if not self._is_finished(stream)]
+        heapq.heapify(heap)
+        while heap:
+            consumed, stream = heapq.heappop(heap)
+            shard_in_stream, offset = self._positions[stream]
+            samples, order = self._load(self._stream_shards[stream][shard_in_stream])
+            key, fields = samples[order[offset]]
+            self._positions[stream] = [shard_in_stream, offset + 1]
+            self._skip_finished_shards(stream)
+            if not self._is_finished(stream):
+                heapq.heappush(heap, (consumed + 1, stream))
+            yield stream, list(self._positions[stream]), decode_sample(key, fields)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for _, _, sample in self.iter_with_positions():
+            yield sample
+
+    def __len__(self) -> int:
+        """Samples this reader yields in a whole epoch."""
+        return sum(self.shards[i].num_samples for shard_ids in self._stream_shards.values() for i in shard_ids)
+
+    def num_remaining(self) -> int:
+        return len(self) - sum(self._consumed(stream) for stream in self.streams)
+
+    # ----------------------------------------------------------- state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its beginning; the current epoch (e.g. just loaded) is kept as is."""
+        if epoch != self.epoch:
+            self._start_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "num_streams": self.num_streams,
+            "positions": {stream: list(position) for stream, position in self._positions.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state`: this reader's own state, or a merge_states() of several readers'."""
+        _checked_header(state, self.num_streams, self.seed)
+        positions = _own_positions(state, self.streams)
+        self._start_epoch(int(state["epoch"]))
+        for stream, (shard_in_stream, offset) in positions.items():
+            shard_ids = self._stream_shards[stream]
+            is_end = shard_in_stream == len(shard_ids) and offset == 0
+            if not is_end and not (0 <= shard_in_stream < len(shard_ids) and 0 <= offset <= self.shards[shard_ids[shard_in_stream]].num_samples):
+                raise ValueError(f"loader state position {[shard_in_stream, offset]} of stream {stream} does not fit this dataset")
+            self._positions[stream] = [shard_in_stream, offset]
+
+
+class LoaderState:
+    """The state of a rank whose samples come from DataLoader workers; same format as ShardLoader's.
+
+    Apply each consumed sample's (`__stream__`, `__position__`) with `update` / `update_batch`.
+    """
+
+    def __init__(self, num_streams: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 1):
+        self.num_streams = num_streams
+        self.seed = seed
+        num_readers = world_size * num_workers
+        self.streams = sorted(
+            stream for worker in range(num_workers) for stream in streams_of_reader(num_streams, rank * num_workers + worker, num_readers)
+        )
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.positions = {stream: [0, 0] for stream in self.streams}
+
+    def update(self, stream: int, position: Iterable[int]) -> None:
+        self.positions[int(stream)] = [int(p) for p in position]
+
+    def update_batch(self, batch: dict[str, Any]) -> None:
+        """Apply a collated batch: `__stream__` (B,), `__position__` (B, 2), in sample order."""
+        streams = np.asarray(batch["__stream__"]).reshape(-1)
+        positions = np.asarray(batch["__position__"]).reshape(-1, 2)
+        for stream, position in zip(streams.tolist(), positions.tolist()):
+            self.update(stream, position)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "num_streams": self.num_streams,
+            "positions": {stream: list(position) for stream, position in self.positions.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _checked_header(state, self.num_streams, self.seed)
+        self.positions = _own_positions(state, self.streams)
+        self.epoch = int(state["epoch"])
+
+
+class ShardIterableDataset(torch.utils.data.IterableDataset):
+    """ShardLoader for a torch DataLoader: each worker process reads its own streams.
+
+    Samples carry `__stream__` (int) and `__position__` ((2,) int64 array) for the main
+    process's `LoaderState`. Call `set_epoch` / `load_state_dict` before creating the
+    DataLoader iterator (workers copy the dataset then; don't use persistent_workers).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        dataset_url: str,
+        split: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        num_streams: int = 64,
+        seed: int = 0,
+        shuffle: bool = True,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        self.manifest = manifest
+        self.dataset_url = dataset_url
+        self.split = split
+        self.rank, self.world_size = rank, world_size
+        self.num_readers_per_rank = max(1, num_workers)  # the DataLoader's num_workers (0: the main process reads)
+        self.num_streams, self.seed, self.shuffle = num_streams, seed, shuffle
+        self.storage_options = storage_options
+        self.epoch = 0
+        self.state: dict[str, Any] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.state = epoch, None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.state = int(state["epoch"]), state
+
+    def new_state(self) -> LoaderState:
+        """A LoaderState for this rank, starting where the next iteration starts."""
+        tracker = LoaderState(self.num_streams, self.seed, self.rank, self.world_size, self.num_readers_per_rank)
+        tracker.set_epoch(self.epoch)
+        if self.state is not None:
+            tracker.load_state_dict(self.state)
+        return tracker
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != self.num_readers_per_rank:
+            raise ValueError(f"ShardIterableDataset was built for {self.num_readers_per_rank} readers per rank, the DataLoader runs {num_workers}")
+        loader = ShardLoader(
+            self.manifest, self.dataset_url, self.split, rank=self.rank, world_size=self.world_size,
+            num_workers=num_workers, worker_id=worker_id, num_streams=self.num_streams, seed=self.seed,
+            shuffle=self.shuffle, storage_options=self.storage_options,
+        )
+        loader.set_epoch(self.epoch)
+        if self.state is not None:
+            loader.load_state_dict(self.state)
+        for stream, position, sample in loader.iter_with_positions():
+            sample["__stream__"] = stream
+            sample["__position__"] = np.asarray(position, dtype=np.int64)
+            yield sample

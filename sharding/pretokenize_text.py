@@ -1,0 +1,417 @@
+"""`tokfleet prepare` for text: corpus -> BPE -> packed token shards + manifest, on Ray Data.
+
+    documents (sorted) -> groups of ~source_bytes_per_shard -> one Ray task per group:
+      read + tokenize the group's documents, join them with EOS, pack the token stream into
+      samples of seq_len + 1 tokens (stride seq_len: every token is a target exactly once,
+      the tail is dropped), write `{name}-{index:06d}.tar` atomically, then its sidecar
+      `{name}-{index:06d}.json` (stats + token histogram)
+    -> the driver gathers the sidecars and writes manifest.json last.
+
+Resumable and idempotent: a shard is rebuilt only when its sidecar is missing, was built from
+other inputs (the sidecar's build id covers sources, tokenizer, seq_len), or the tar does not
+match the sidecar's size and sha256. The sidecar is written after the tar is renamed into
+place, so a crash never leaves a shard that looks complete. A re-run with nothing to do
+rewrites nothing. Sample keys `{name}-{index:06d}-{sample:06d}` are stable because groups are
+formed in sorted source order; the manifest lists each shard's sources, so sample j of shard i
+is tokens [j*seq_len, (j+1)*seq_len] of the EOS-joined stream of those sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from launch.config import PrepareConfig
+from launch.errors import UserError
+from sharding import storage
+from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord, SkippedInput
+from sharding.shards import read_shard, sample_key, shard_name, token_dtype, write_shard
+from sharding.text_corpus import Document, corpus_fingerprint, iter_texts, list_documents, read_document
+from sharding.text_tokenizer import ensure_tokenizer
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "tokfleet prepare (sharding.pretokenize_text)"
+TOKENS_FIELD = "tokens.npy"
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+# ------------------------------------------------------------------ planning
+
+
+def group_documents(documents: list[Document], source_bytes_per_shard: int) -> list[list[Document]]:
+    """Consecutive documents in groups of at least `source_bytes_per_shard` bytes (the last may be smaller)."""
+    groups: list[list[Document]] = []
+    current: list[Document] = []
+    current_bytes = 0
+    for document in documents:
+        current.append(document)
+        current_bytes += document.num_bytes
+        if current_bytes >= source_bytes_per_shard:
+            groups.append(current)
+            current, current_bytes = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def val_group_indexes(num_groups: int, val_fraction: float) -> set[int]:
+    """Evenly spaced groups making ~val_fraction of all; at least one when possible, never all."""
+    if val_fraction <= 0 or num_groups < 2:
+        return set()
+    num_val = min(num_groups - 1, max(1, round(num_groups * val_fraction)))
+    return {int((j + 0.5) * num_groups / num_val) for j in range(num_val)}
+
+
+@dataclass
+class ShardSpec:
+    """Everything a Ray task needs to build one shard (JSON-serializable)."""
+
+    index: int
+    shard: str  # file name
+    url: str
+    sidecar_url: str
+    build_id: str
+    name: str
+    seq_len: int
+    dtype: str
+    vocab_size: int
+    eos_id: int
+    documents: list[dict[str, Any]]  # Document fields
+
+
+def sidecar_name(shard: str) -> str:
+    return shard.removesuffix(".tar") + ".json"
+
+
+def _build_id(index: int, name: str, documents: list[Document], tokenizer_sha256: str, seq_len: int, dtype: str) -> str:
+    """Names the inputs of one shard: same id -> same bytes."""
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "index": index,
+        "tokenizer_sha256": tokenizer_sha256,
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "documents": corpus_fingerprint(documents),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------- building (Ray task)
+
+_TOKENIZERS: dict[str, Any] = {}  # per worker process: parsed tokenizers by sha256 of their JSON
+
+
+def _backend_tokenizer(tokenizer_json: str) -> Any:
+    from tokenizers import Tokenizer
+
+    digest = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    if digest not in _TOKENIZERS:
+        _TOKENIZERS[digest] = Tokenizer.from_str(tokenizer_json)
+    return _TOKENIZERS[digest]
+
+
+def pack_tokens(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """(num_samples, seq_len + 1) windows of `stream` at stride seq_len; the tail is dropped."""
+    num_samples = max(0, (len(stream) - 1) // seq_len)
+    if num_samples == 0:
+        return np.zeros((0, seq_len + 1), dtype=stream.dtype)
+    windows = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)
+    return windows[::seq_len][:num_samples]
+
+
+def _describe_sources(documents: list[Document], used: list[Document]) -> list[str]:
+    """Files used, by path; dataset rows as one `{dataset}#{split}/{first}..{last}` range."""
+    if documents and documents[0].text is not None:
+        prefix, _, first = documents[0].source.rpartition("/")
+        return [f"{prefix}/{first}..{documents[-1].source.rpartition('/')[2]}"]
+    return [document.source for document in used]
+
+
+def build_shard(spec: ShardSpec, tokenizer_json: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tokenize, pack and write one shard, then its sidecar; returns the sidecar."""
+    tokenizer = _backend_tokenizer(tokenizer_json)
+    documents = [Document(**fields) for fields in spec.documents]
+    texts, used, skipped = [], [], []
+    for document in documents:
+        text = read_document(document)
+        if isinstance(text, SkippedInput):
+            skipped.append(asdict(text))
+        else:
+            texts.append(text)
+            used.append(document)
+    dtype = np.dtype(spec.dtype)
+    pieces = []
+    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
+        pieces.append(np.asarray(encoding.ids, dtype=dtype))
+        pieces.append(np.array([spec.eos_id], dtype=dtype))
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    samples = pack_tokens(stream, spec.seq_len)
+    written = write_shard(
+        spec.url,
+        ({"__key__": sample_key(spec.name, spec.index, j), TOKENS_FIELD: np.ascontiguousarray(sample)} for j, sample in enumerate(samples)),
+        storage_options,
+    )
+    targets = stream[1 : len(samples) * spec.seq_len + 1]  # every token that is predicted, once
+    counts = np.bincount(targets.astype(np.int64), minlength=spec.vocab_size)
+    ids = np.flatnonzero(counts)
+    sidecar = {
+        "format_version": FORMAT_VERSION,
+        "shard": spec.shard,
+        "build_id": spec.build_id,
+        "num_samples": written.num_samples,
+        "num_bytes": written.num_bytes,
+        "sha256": written.sha256,
+        "num_documents": len(used),
+        "num_stream_tokens": int(len(stream)),
+        "sources": _describe_sources(documents, used),
+        "skipped": skipped,
+        "token_counts": {"ids": ids.tolist(), "counts": counts[ids].tolist()},
+    }
+    storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), storage_options)
+    return sidecar
+
+
+def _build_row(row: dict[str, Any], *, tokenizer_json: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Ray Data map function: a group spec (as JSON) in, its sidecar (as JSON) out."""
+    spec = ShardSpec(**json.loads(row["spec"]))
+    return {"sidecar": json.dumps(build_shard(spec, tokenizer_json, storage_options))}
+
+
+def _build_on_ray(specs: list[ShardSpec], tokenizer_json: str, cfg: PrepareConfig, progress: bool) -> list[dict[str, Any]]:
+    import ray
+    from tqdm import tqdm
+
+    from sharding.ray_runtime import init_ray
+
+    init_ray(cfg.ray)
+    items = [{"spec": json.dumps(asdict(spec))} for spec in specs]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
+        _build_row,
+        fn_kwargs={"tokenizer_json": tokenizer_json, "storage_options": cfg.shards.storage_options},
+        num_cpus=1,
+    )
+    sidecars = []
+    with tqdm(total=len(specs), desc="pretokenize", unit="shard", disable=not progress) as bar:
+        for row in dataset.iter_rows():
+            sidecars.append(json.loads(row["sidecar"]))
+            bar.update()
+    return sidecars
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def _complete_sidecar(spec: ShardSpec, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The sidecar of `spec`'s shard when the shard on storage is complete and current, else None."""
+    try:
+        sidecar = json.loads(storage.read_text(spec.sidecar_url, storage_options))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(sidecar, dict) or sidecar.get("build_id") != spec.build_id:
+        return None
+    if storage.size(spec.url, storage_options) != sidecar.get("num_bytes"):
+        return None
+    if storage.sha256_of(spec.url, storage_options) != sidecar.get("sha256"):
+        return None
+    return sidecar
+
+
+def _tidy_output(output: str, name: str, num_shards: int, storage_options: dict[str, Any] | None) -> None:
+    """Delete temporaries a killed run left behind; warn about shards beyond this corpus's count."""
+    pattern = re.compile(rf"^{re.escape(name)}-(\d{{6}})\.(tar|json)({re.escape(storage.TMP_MARKER)}[0-9a-f]+)?$")
+    stale = []
+    for entry in storage.ls(output, storage_options):
+        match = pattern.match(entry)
+        if match is None:
+            continue
+        if match.group(3):
+            storage.remove(storage.join(output, entry), storage_options)
+        elif int(match.group(1)) >= num_shards and match.group(2) == "tar":
+            stale.append(entry)
+    if stale:
+        log.warning("%s holds %d shards beyond the %d of this corpus (not in the manifest): %s", output, len(stale), num_shards, ", ".join(stale[:5]))
+
+
+def _previous_manifest(output: str, storage_options: dict[str, Any] | None) -> Manifest | None:
+    try:
+        return Manifest.read(output, storage_options)
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------- driver
+
+
+def _unigram_entropy(sidecars: list[dict[str, Any]], vocab_size: int) -> float:
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for sidecar in sidecars:
+        np.add.at(counts, np.asarray(sidecar["token_counts"]["ids"], dtype=np.int64), sidecar["token_counts"]["counts"])
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    probabilities = counts[counts > 0] / total
+    return float(-(probabilities * np.log(probabilities)).sum())
+
+
+def _created_by(cfg: PrepareConfig) -> dict[str, Any]:
+    config = asdict(cfg)
+    config["shards"].pop("storage_options", None)  # may hold credentials
+    config.pop("ray", None)  # how it ran, not what it made
+    return {"program": PROGRAM, "config": config}
+
+
+def prepare_text(cfg: PrepareConfig, progress: bool = True) -> Manifest:
+    """Build (or complete) the text token dataset of `cfg` at `cfg.shards.output`; its manifest."""
+    shards_cfg = cfg.shards
+    output, storage_options = shards_cfg.output, shards_cfg.storage_options
+    if not _NAME_PATTERN.match(shards_cfg.name):
+        raise UserError(f"shards.name: {shards_cfg.name!r} may hold only letters, digits, '_' and '-'")
+    if shards_cfg.source_bytes_per_shard < 1:
+        raise UserError(f"shards.source_bytes_per_shard must be >= 1, got {shards_cfg.source_bytes_per_shard}")
+
+    documents = list_documents(cfg.source)
+    groups = group_documents(documents, shards_cfg.source_bytes_per_shard)
+    val_groups = val_group_indexes(len(groups), shards_cfg.val_fraction)
+    if shards_cfg.val_fraction > 0 and not val_groups:
+        log.warning("one shard only: no val split (lower shards.source_bytes_per_shard to get one)")
+    log.info("%d documents, %.1f MB, in %d groups", len(documents), sum(d.num_bytes for d in documents) / 1e6, len(groups))
+
+    start = time.perf_counter()
+    tokenizer, provenance = ensure_tokenizer(
+        cfg.tokenizer, iter_texts(documents), corpus_fingerprint(documents), output, storage_options, num_texts=len(documents)
+    )
+    log.info("tokenizer ready in %.1f s (vocab %d)", time.perf_counter() - start, provenance["vocab_size"])
+    vocab_size = int(provenance["vocab_size"])
+    dtype = token_dtype(vocab_size).name
+
+    specs = []
+    for index, group in enumerate(groups):
+        name = shard_name(shards_cfg.name, index)
+        specs.append(ShardSpec(
+            index=index,
+            shard=name,
+            url=storage.join(output, name),
+            sidecar_url=storage.join(output, sidecar_name(name)),
+            build_id=_build_id(index, shards_cfg.name, group, provenance["sha256"], shards_cfg.seq_len, dtype),
+            name=shards_cfg.name,
+            seq_len=shards_cfg.seq_len,
+            dtype=dtype,
+            vocab_size=vocab_size,
+            eos_id=int(provenance["eos_id"]),
+            documents=[asdict(document) for document in group],
+        ))
+
+    _tidy_output(output, shards_cfg.name, len(specs), storage_options)
+    sidecars: dict[int, dict[str, Any]] = {}
+    for spec in specs:
+        sidecar = _complete_sidecar(spec, storage_options)
+        if sidecar is not None:
+            sidecars[spec.index] = sidecar
+    to_build = [spec for spec in specs if spec.index not in sidecars]
+    log.info("%d of %d shards complete, building %d", len(sidecars), len(specs), len(to_build))
+    if to_build:
+        start = time.perf_counter()
+        tokenizer_json = tokenizer.backend_tokenizer.to_str()
+        by_shard = {spec.shard: spec.index for spec in to_build}
+        for sidecar in _build_on_ray(to_build, tokenizer_json, cfg, progress):
+            sidecars[by_shard[sidecar["shard"]]] = sidecar
+        log.info("pretokenized %d shards in %.1f s", len(to_build), time.perf_counter() - start)
+
+    manifest = _assemble_manifest(cfg, documents, specs, sidecars, val_groups, provenance, vocab_size, dtype)
+    if manifest.num_samples("train") == 0:
+        raise UserError(f"source: the corpus is too small to make one training sample of shards.seq_len={shards_cfg.seq_len} tokens")
+    previous = _previous_manifest(output, storage_options)
+    if previous is None or previous.to_json() != manifest.to_json():
+        manifest.write(output, storage_options)
+    return manifest
+
+
+def _assemble_manifest(
+    cfg: PrepareConfig,
+    documents: list[Document],
+    specs: list[ShardSpec],
+    sidecars: dict[int, dict[str, Any]],
+    val_groups: set[int],
+    provenance: dict[str, Any],
+    vocab_size: int,
+    dtype: str,
+) -> Manifest:
+    seq_len = cfg.shards.seq_len
+    shards, skipped = [], []
+    for spec in specs:
+        sidecar = sidecars[spec.index]
+        split = "val" if spec.index in val_groups else "train"
+        shards.append(ShardRecord(spec.shard, split, sidecar["num_samples"], sidecar["num_bytes"], sidecar["sha256"], sidecar["sources"]))
+        skipped.extend(SkippedInput(**entry) for entry in sidecar["skipped"])
+    num_samples = {split: sum(s.num_samples for s in shards if s.split == split) for split in ("train", "val")}
+    train_sidecars = [sidecars[spec.index] for spec in specs if spec.index not in val_groups]
+    stats = {
+        "num_documents": sum(sidecar["num_documents"] for sidecar in sidecars.values()),
+        "num_samples": num_samples,
+        "num_tokens": {split: count * seq_len for split, count in num_samples.items()},
+        "num_stream_tokens": sum(sidecar["num_stream_tokens"] for sidecar in sidecars.values()),
+        "unigram_entropy_nats": round(_unigram_entropy(train_sidecars, vocab_size), 6),
+    }
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        name=cfg.shards.name,
+        kind="text_tokens",
+        seq_len=seq_len,
+        vocab_size=vocab_size,
+        fields={TOKENS_FIELD: {"dtype": dtype, "shape": [seq_len + 1]}},
+        shards=shards,
+        tokenizer=provenance,
+        sources={"num_documents": len(documents), "num_bytes": sum(d.num_bytes for d in documents)},
+        skipped=sorted(skipped, key=lambda entry: entry.path),
+        stats=stats,
+        created_by=_created_by(cfg),
+    )
+
+
+# ------------------------------------------------------------------- verify
+
+
+def verify_dataset(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Problems with the dataset at `url` (missing/changed/truncated shards, bad manifest); [] if sound."""
+    try:
+        manifest = Manifest.read(url, storage_options)
+    except ValueError as error:
+        return [str(error)]
+    problems = []
+    field_names = {field.rsplit(".", 1)[0] for field in manifest.fields}
+    for shard in manifest.shards:
+        shard_url = storage.join(url, shard.name)
+        num_bytes = storage.size(shard_url, storage_options)
+        if num_bytes is None:
+            problems.append(f"{shard.name}: missing")
+            continue
+        if num_bytes != shard.num_bytes:
+            problems.append(f"{shard.name}: {num_bytes} bytes, manifest records {shard.num_bytes}")
+            continue
+        if storage.sha256_of(shard_url, storage_options) != shard.sha256:
+            problems.append(f"{shard.name}: sha256 differs from the manifest")
+            continue
+        try:
+            samples = read_shard(shard_url, storage_options)
+        except ValueError as error:
+            problems.append(f"{shard.name}: {error}")
+            continue
+        if len(samples) != shard.num_samples:
+            problems.append(f"{shard.name}: {len(samples)} samples, manifest records {shard.num_samples}")
+        elif samples and set(samples[0]) - {"__key__"} != field_names:
+            problems.append(f"{shard.name}: fields {sorted(set(samples[0]) - {'__key__'})}, manifest records {sorted(field_names)}")
+    tokenizer_url = storage.join(url, manifest.tokenizer.get("path", "tokenizer"), "tokenizer.json")
+    if not storage.exists(tokenizer_url, storage_options):
+        problems.append(f"{tokenizer_url}: missing")
+    elif storage.sha256_of(tokenizer_url, storage_options) != manifest.tokenizer.get("sha256"):
+        problems.append(f"{tokenizer_url}: sha256 differs from the manifest")
+    return problems

@@ -1,0 +1,143 @@
+"""fsspec access to dataset roots: open, list, join and atomically write files at any URL.
+
+Every data file tokfleet writes (shards, sidecars, manifests, tokenizer files) goes through
+`write_bytes_atomic`, so a reader never sees a half-written file under its final name: the
+bytes land in `name.tmp-<uuid>` first and are then renamed (`os.replace` after fsync on a local
+disk; upload then `mv` on object stores, where the upload itself is already all-or-nothing).
+A plain path is a local file; `s3://...`, `memory://...` or any fsspec URL works the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from typing import Any, BinaryIO, TextIO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_MARKER = ".tmp-"
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for `url`."""
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def join(url: str, *names: str) -> str:
+    """`url`/`name`/...; keeps the URL's scheme and never uses the OS separator for remote URLs."""
+    if is_local(url):
+        return os.path.join(url, *names)
+    return "/".join([url.rstrip("/"), *(name.strip("/") for name in names)])
+
+
+def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> BinaryIO | TextIO:
+    """Open `url` for reading or (non-atomic) writing; use as a context manager."""
+    return fsspec.open(url, mode, **(storage_options or {})).open()
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(url, storage_options)
+    return fs.exists(path)
+
+
+def size(url: str, storage_options: dict[str, Any] | None = None) -> int | None:
+    """Size in bytes, or None when `url` does not exist."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return int(fs.size(path))
+    except FileNotFoundError:
+        return None
+
+
+def ls(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Names (not paths) of the entries of folder `url`, sorted; [] when it does not exist."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.basename(entry.rstrip("/")) for entry in entries)
+
+
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    if is_local(url):
+        with open(local_path(url), "rb") as handle:
+            return handle.read()
+    fs, path = filesystem(url, storage_options)
+    return fs.cat_file(path)
+
+
+def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    return read_bytes(url, storage_options).decode("utf-8")
+
+
+def sha256_of(url: str, storage_options: dict[str, Any] | None = None, chunk_bytes: int = 4 << 20) -> str:
+    digest = hashlib.sha256()
+    with open_url(url, "rb", storage_options) as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete file `url` if it exists."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write `data` to `url` so that `url` holds either its old content or all of `data`."""
+    fs, path = filesystem(url, storage_options)
+    tmp = f"{path}{TMP_MARKER}{uuid.uuid4().hex}"
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        _fsync_dir(directory)
+        return
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    try:
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            fs.rm_file(tmp)
+        except (FileNotFoundError, OSError):
+            pass
+        raise
+
+
+def write_text_atomic(url: str, text: str, storage_options: dict[str, Any] | None = None) -> None:
+    write_bytes_atomic(url, text.encode("utf-8"), storage_options)

@@ -1,0 +1,3 @@
+from trainer.entry import main
+
+main()

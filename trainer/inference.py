@@ -1,0 +1,40 @@
+"""Load a trained model (and its tokenizer folder) from a checkpoint or run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launch.errors import UserError
+from modeling.registry import build_model
+from trainer.checkpoint import CheckpointManager, read_trainer_state
+from trainer.engines.single import load_model_state
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run dir (its newest complete checkpoint)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        latest = CheckpointManager(path, keep_last=1).latest()
+        if latest is None:
+            raise UserError(f"run directory {path} has no complete checkpoint")
+        return latest
+    return path
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any], Path | None]:
+    """(model in eval mode, trainer_state, tokenizer folder or None)."""
+    directory = resolve_checkpoint(path)
+    state = read_trainer_state(directory)
+    spec = state["model"]
+    model = build_model(spec["name"], spec["flavor"], spec["args"], device=device)
+    try:
+        model.load_state_dict(load_model_state(directory, device))
+    except RuntimeError as error:
+        raise UserError(f"checkpoint {directory} does not match its recorded model: {str(error).splitlines()[0]}") from None
+    model.eval()
+    tokenizer_dir = directory.parent.parent / state["tokenizer"] if state.get("tokenizer") else None
+    return model, state, tokenizer_dir

@@ -1,0 +1,213 @@
+"""The training loop: build model, data and engine from a TrainConfig, train, checkpoint, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from tqdm import tqdm
+
+from launch.config import TrainConfig, save_config
+from launch.errors import UserError
+from launch.schema import to_dict
+from modeling.registry import build_model, get_model_spec, model_config
+from trainer.checkpoint import CheckpointManager, read_trainer_state
+from trainer.data import TASK_BATCHES, Batches, read_manifest, split_has_samples
+from trainer.engines.single import SingleDeviceEngine, pick_device
+from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses
+from trainer.rng import rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger("tokfleet.trainer")
+
+
+def resolve_model_args(cfg: TrainConfig, manifest) -> dict[str, Any]:
+    """Flavor + overrides, with vocabulary and sequence length taken from the dataset."""
+    args = dict(cfg.model.args)
+    args.setdefault("vocab_size", manifest.vocab_size)
+    args.setdefault("sequence_len", manifest.seq_len)
+    if args["vocab_size"] < manifest.vocab_size:
+        raise UserError(f"model.args.vocab_size={args['vocab_size']} is smaller than the dataset's vocabulary ({manifest.vocab_size})")
+    if args["sequence_len"] < manifest.seq_len:
+        raise UserError(f"model.args.sequence_len={args['sequence_len']} is shorter than the dataset's sequences ({manifest.seq_len})")
+    try:
+        return asdict(model_config(cfg.model.name, cfg.model.flavor, args))
+    except ValueError as error:
+        raise UserError(f"model: {error}") from None
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop records of steps after `max_step`: they belong to a run that did not checkpoint them."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= max_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = None):
+        self.cfg = cfg
+        self.stop_at_step = stop_at_step
+        self.run_dir = Path(cfg.run.output_dir)
+        for sub in ("checkpoints", "plots", "logs"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
+        resume_from = self.checkpoints.resolve(resume)
+
+        self.manifest = read_manifest(cfg.data)
+        self.manifest_id = self.manifest.fingerprint()[:16]
+        self.model_args = resolve_model_args(cfg, self.manifest)
+        self.spec = get_model_spec(cfg.model.name)
+        self.to_batch = TASK_BATCHES[self.spec.task]
+
+        self.device = pick_device(cfg.run.device)
+        if cfg.engine.precision == "fp16" and self.device.type == "mps":
+            raise UserError("engine.precision fp16 with a grad scaler is not supported on MPS; use bf16 or fp32")
+        seed_everything(cfg.run.seed)
+        model = build_model(cfg.model.name, cfg.model.flavor, self.model_args, device=self.device)
+        self.engine = SingleDeviceEngine(model, cfg.optim, cfg.engine, cfg.run.max_steps, self.device)
+        self.flops_per_token = model.num_flops_per_token()
+        self.num_params = model.num_params()
+
+        key_log = self.run_dir / "logs" / f"sample_keys-rank{self.engine.rank}.jsonl" if cfg.data.log_sample_keys else None
+        self.train_batches = Batches(
+            self.manifest, cfg.data, cfg.data.train_split, batch_size=cfg.optim.micro_batch_size,
+            rank=self.engine.rank, world_size=self.engine.world_size, seed=cfg.run.seed,
+            shuffle=cfg.data.shuffle, key_log=key_log,
+        )
+        self.has_val = bool(cfg.data.val_split) and split_has_samples(self.manifest, cfg.data.val_split)
+        self.step, self.tokens_seen, self.samples_seen = 0, 0, 0
+        if resume_from is not None:
+            self._load(resume_from)
+            for path in (self.run_dir / "metrics.jsonl", key_log):
+                if path is not None:
+                    _truncate_jsonl(path, self.step)
+        self.resumed_from = resume_from
+        self._copy_tokenizer()
+        save_config(cfg, self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------ checkpoint
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "samples": self.samples_seen,
+            "world_size": self.engine.world_size,
+            "engine": self.cfg.engine.kind,
+            "data": {"manifest_id": self.manifest_id, "dataset": self.cfg.data.dataset,
+                     "rank_states": [self.train_batches.state_dict()]},
+            "rng": [rng_state()],
+            "model": {"name": self.cfg.model.name, "flavor": self.cfg.model.flavor, "args": self.model_args},
+            "tokenizer": "tokenizer" if (self.run_dir / "tokenizer").is_dir() else None,
+            "config": to_dict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.step, self.engine.save_checkpoint, self.trainer_state())
+
+    def _load(self, directory: Path) -> None:
+        state = read_trainer_state(directory)
+        saved = state["model"]
+        if saved["name"] != self.cfg.model.name or saved["args"] != self.model_args:
+            diff = [f"{k}={saved['args'].get(k)!r} (config: {v!r})" for k, v in self.model_args.items() if saved["args"].get(k) != v]
+            raise UserError(f"checkpoint {directory} holds a different architecture: model {saved['name']!r}"
+                            + (f", {', '.join(diff)}" if diff else f" (config: {self.cfg.model.name!r})"))
+        if state["engine"] != self.cfg.engine.kind or state["world_size"] != self.engine.world_size:
+            raise UserError(f"checkpoint {directory} was written by engine {state['engine']!r} with {state['world_size']} "
+                            f"rank(s); this run uses {self.cfg.engine.kind!r} with {self.engine.world_size}")
+        if state["data"]["manifest_id"] != self.manifest_id:
+            raise UserError(f"checkpoint {directory} was trained on a different dataset (manifest {state['data']['manifest_id']}, "
+                            f"now {self.manifest_id}): its data position does not apply")
+        self.engine.load_checkpoint(directory)
+        self.step, self.tokens_seen, self.samples_seen = state["step"], state["tokens"], state["samples"]
+        self.train_batches.load_state_dict(state["data"]["rank_states"][self.engine.rank])
+        set_rng_state(state["rng"][self.engine.rank])
+
+    def _copy_tokenizer(self) -> None:
+        target = self.run_dir / "tokenizer"
+        if target.is_dir():
+            return
+        fs, root = fsspec.core.url_to_fs(self.cfg.data.dataset, **self.cfg.data.storage_options)
+        source = f"{root.rstrip('/')}/tokenizer"
+        if fs.isdir(source):
+            fs.get(source + "/", str(target), recursive=True)
+
+    # ------------------------------------------------------------------ loop
+
+    def evaluate(self) -> float | None:
+        if not self.has_val:
+            return None
+        val = Batches(self.manifest, self.cfg.data, self.cfg.data.val_split, batch_size=self.cfg.optim.micro_batch_size,
+                      rank=self.engine.rank, world_size=self.engine.world_size, seed=self.cfg.run.seed, shuffle=False)
+        losses = [self.engine.eval_loss(self.to_batch(b, self.device)) for b in val.take(self.cfg.eval.num_batches)]
+        return torch.stack(losses).mean().item() if losses else None
+
+    def _is_due(self, every: int) -> bool:
+        return self.step == self.cfg.run.max_steps or (every > 0 and self.step % every == 0)
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        is_main = self.engine.rank == 0
+        peak_flops = cfg.engine.peak_flops or measure_peak_flops(self.device)
+        metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg), is_main)
+        accum = cfg.optim.grad_accum_steps
+        tokens_per_step = cfg.optim.micro_batch_size * accum * self.manifest.seq_len * self.engine.world_size
+        last_stop = self.stop_at_step if self.stop_at_step is not None else cfg.run.max_steps
+        last_stop = min(last_stop, cfg.run.max_steps)
+        progress = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", unit="step",
+                        disable=not (cfg.logging.progress and is_main), dynamic_ncols=True)
+        window_time, window_tokens = 0.0, 0
+        last_record: dict[str, Any] = {}
+        last_checkpoint = None
+        while self.step < last_stop:
+            start = time.perf_counter()
+            lr = self.engine.lr
+            losses = []
+            for _ in range(accum):
+                tokens = self.train_batches.next_batch(self.step + 1)
+                losses.append(self.engine.forward_backward(self.to_batch(tokens, self.device), 1.0 / accum))
+            grad_norm = self.engine.optimizer_step()
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            self.samples_seen += cfg.optim.micro_batch_size * accum * self.engine.world_size
+            window_tokens += tokens_per_step
+            window_time += time.perf_counter() - start
+            progress.update(1)
+
+            is_eval = self._is_due(cfg.eval.every_steps)
+            if self._is_due(cfg.logging.every_steps) or is_eval:
+                tokens_per_s = window_tokens / max(window_time, 1e-9)
+                record = {
+                    "step": self.step, "loss": torch.stack(losses).mean().item(), "lr": lr,
+                    "grad_norm": grad_norm.item(), "tokens": self.tokens_seen, "samples": self.samples_seen,
+                    "tokens_per_s": tokens_per_s, "world_size": self.engine.world_size,
+                    "mfu": self.flops_per_token * tokens_per_s / (peak_flops * self.engine.world_size),
+                    "epoch": self.train_batches.epoch,
+                }
+                if is_eval:
+                    val_loss = self.evaluate()
+                    if val_loss is not None:
+                        record["val_loss"] = val_loss
+                metrics.log(record)
+                last_record = record
+                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+                window_time, window_tokens = 0.0, 0
+            every = cfg.checkpoint.every_steps
+            if (every > 0 and self.step % every == 0) or self.step == self.stop_at_step \
+                    or (self.step == cfg.run.max_steps and cfg.checkpoint.save_final):
+                last_checkpoint = self.save_checkpoint()
+        progress.close()
+        metrics.close()
+        plot = plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png") if is_main else None
+        return {
+            "step": self.step, "finished": self.step >= cfg.run.max_steps, "run_dir": str(self.run_dir),
+            "checkpoint": str(last_checkpoint or self.checkpoints.latest() or ""), "plot": str(plot or ""),
+            "last": last_record, "resumed_from": str(self.resumed_from or ""), "num_params": self.num_params,
+            "peak_flops": peak_flops,
+        }
