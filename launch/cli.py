@@ -30,10 +30,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
         ensure_confined()  # Ray stays on loopback on shared machines
         from sharding.pretokenize_text import prepare_text
-        from sharding.ray_runtime import init_ray
 
-        init_ray(cfg.ray)
-        manifest = prepare_text(cfg, progress=not args.quiet)
+        manifest = prepare_text(cfg, progress=not args.quiet)  # starts Ray only if a shard is missing
     num_train = sum(s.num_samples for s in manifest.shards if s.split == "train")
     num_val = sum(s.num_samples for s in manifest.shards if s.split == "val")
     print(f"dataset {cfg.shards.output}: {len(manifest.shards)} shards, {num_train} train + {num_val} val "

@@ -87,7 +87,7 @@ def _summary(console: Console, dataset: Path, run_dir: Path, sample_path: Path, 
     table.add_row("steps / tokens", f"{last['step']} / {last['tokens']:,}")
     table.add_row("throughput", f"{last['tokens_per_s']:.0f} tokens/s, MFU {100 * last['mfu']:.1f}%")
     table.add_row("unigram entropy", f"{entropy:.3f} nats/token (a model that ignores context)")
-    table.add_row("val loss", f"{final_val:.3f} nats/token ({entropy - final_val:+.3f} below the unigram entropy)")
+    table.add_row("val loss", f"{final_val:.3f} nats/token ({entropy - final_val:.3f} below the unigram entropy)")
     console.print(table)
     if not final_val < entropy - 0.5:
         console.print("[bold red]validation loss is not clearly below the unigram entropy")

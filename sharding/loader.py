@@ -206,6 +206,10 @@ class ShardLoader:
         if epoch != self.epoch:
             self._start_epoch(epoch)
 
+    def rewind(self) -> None:
+        """Back to the start of the current epoch (e.g. to validate on the same samples every time)."""
+        self._start_epoch(self.epoch)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,

@@ -269,6 +269,27 @@ def _created_by(cfg: PrepareConfig) -> dict[str, Any]:
     return {"program": PROGRAM, "config": config}
 
 
+def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]], provenance: dict[str, Any], vocab_size: int, dtype: str) -> list[ShardSpec]:
+    shards_cfg = cfg.shards
+    specs = []
+    for index, group in enumerate(groups):
+        name = shard_name(shards_cfg.name, index)
+        specs.append(ShardSpec(
+            index=index,
+            shard=name,
+            url=storage.join(shards_cfg.output, name),
+            sidecar_url=storage.join(shards_cfg.output, sidecar_name(name)),
+            build_id=_build_id(index, shards_cfg.name, group, provenance["sha256"], shards_cfg.seq_len, dtype),
+            name=shards_cfg.name,
+            seq_len=shards_cfg.seq_len,
+            dtype=dtype,
+            vocab_size=vocab_size,
+            eos_id=int(provenance["eos_id"]),
+            documents=[asdict(document) for document in group],
+        ))
+    return specs
+
+
 def prepare_text(cfg: PrepareConfig, progress: bool = True) -> Manifest:
     """Build (or complete) the text token dataset of `cfg` at `cfg.shards.output`; its manifest."""
     shards_cfg = cfg.shards
@@ -293,23 +314,7 @@ def prepare_text(cfg: PrepareConfig, progress: bool = True) -> Manifest:
     vocab_size = int(provenance["vocab_size"])
     dtype = token_dtype(vocab_size).name
 
-    specs = []
-    for index, group in enumerate(groups):
-        name = shard_name(shards_cfg.name, index)
-        specs.append(ShardSpec(
-            index=index,
-            shard=name,
-            url=storage.join(output, name),
-            sidecar_url=storage.join(output, sidecar_name(name)),
-            build_id=_build_id(index, shards_cfg.name, group, provenance["sha256"], shards_cfg.seq_len, dtype),
-            name=shards_cfg.name,
-            seq_len=shards_cfg.seq_len,
-            dtype=dtype,
-            vocab_size=vocab_size,
-            eos_id=int(provenance["eos_id"]),
-            documents=[asdict(document) for document in group],
-        ))
-
+    specs = _shard_specs(cfg, groups, provenance, vocab_size, dtype)
     _tidy_output(output, shards_cfg.name, len(specs), storage_options)
     sidecars: dict[int, dict[str, Any]] = {}
     for spec in specs:

@@ -7,6 +7,7 @@ loopback-only network namespace, it re-runs itself inside one (launch/netns.py).
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -18,7 +19,10 @@ def pytest_configure(config):
     from launch import netns
 
     if not netns.is_confined() and netns.can_confine() and not os.environ.get(netns.ENV_NAME):
-        netns.ensure_confined()  # re-runs pytest confined and exits with its status
+        # re-run the whole session confined; os._exit, since SystemExit inside a hook is an INTERNALERROR
+        code = netns.run_confined([sys.executable, *sys.orig_argv[1:]])
+        sys.stdout.flush()
+        os._exit(code)
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,8 @@ def test_determinism_and_epochs(dataset):
     assert order1 != keys(make(dataset))
     assert sorted(order1) == sorted(keys(make(dataset)))
     assert keys(epoch1) == []  # the epoch is over until set_epoch moves on
+    epoch1.rewind()
+    assert keys(epoch1) == order1
     assert keys(make(dataset, seed=8)) != keys(make(dataset))
     in_order = keys(make(dataset, shuffle=False, num_streams=1))
     assert in_order == sorted(in_order)

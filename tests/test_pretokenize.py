@@ -12,7 +12,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from launch.config import PrepareConfig, RayConfig, ShardsConfig, SourceConfig, TokenizerConfig
+from launch.config import PrepareConfig, ShardsConfig, SourceConfig, TokenizerConfig
 from sharding.loader import ShardLoader
 from sharding.manifest import Manifest
 from sharding.pretokenize_text import group_documents, prepare_text, val_group_indexes, verify_dataset
@@ -25,17 +25,6 @@ PATTERNS = ["json/*.py", "wsgiref/*.py", "dbm/*.py", "encodings/utf*.py", "colle
 SEQ_LEN = 64
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    import ray
-
-    from sharding.ray_runtime import init_ray
-
-    init_ray(RayConfig(num_cpus=2, object_store_mb=300))
-    yield
-    ray.shutdown()
-
-
 def make_config(corpus: str, output: str) -> PrepareConfig:
     return PrepareConfig(
         source=SourceConfig(paths=[f"{corpus}/**/*.py"]),
@@ -45,7 +34,7 @@ def make_config(corpus: str, output: str) -> PrepareConfig:
 
 
 @pytest.fixture(scope="module")
-def built(ray_instance, tmp_path_factory):
+def built(ray_session, tmp_path_factory):  # ray_session: one Ray instance for the test session (conftest.py)
     corpus = tmp_path_factory.mktemp("corpus")
     for pattern in PATTERNS:
         for path in glob.glob(os.path.join(STDLIB, pattern)):

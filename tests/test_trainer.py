@@ -232,3 +232,21 @@ def test_inspect_checkpoint(straight_run):
     result = tokfleet("inspect", str(straight_run))
     assert result.returncode == 0, result.stderr
     assert "step 6" in result.stdout and "world size 1" in result.stdout and "engine single" in result.stdout
+
+
+def test_dataloader_workers_resume_exactly(tmp_path, text_dataset, straight_run):
+    # one worker process reads exactly what the in-process loader reads
+    one = write_config(tmp_path, text_dataset, "w1", data={"dataset": text_dataset, "num_streams": 8,
+                                                          "log_sample_keys": True, "num_workers": 1})
+    train(one, "--set", "eval.every_steps=0")
+    assert consumed_keys(tmp_path / "w1") == consumed_keys(straight_run)
+    # two workers: a different interleaving, but a stop + resume continues it sample for sample
+    two = {"dataset": text_dataset, "num_streams": 8, "log_sample_keys": True, "num_workers": 2}
+    straight = write_config(tmp_path, text_dataset, "w2", data=two)
+    resumed = write_config(tmp_path, text_dataset, "w2r", data=two)
+    train(straight, "--set", "eval.every_steps=0")
+    train(resumed, "--set", "eval.every_steps=0", "--stop-at-step", "3")
+    train(resumed, "--set", "eval.every_steps=0", "--resume", "auto")
+    keys = consumed_keys(tmp_path / "w2r")
+    assert keys == consumed_keys(tmp_path / "w2") and len(set(keys)) == STEPS * 4
+    assert losses(tmp_path / "w2r") == losses(tmp_path / "w2")

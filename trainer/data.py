@@ -7,6 +7,7 @@ its task, and (optionally) records every consumed sample key for auditing.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +17,9 @@ import torch
 
 from launch.config import DataConfig
 from launch.errors import UserError
-from sharding.loader import ShardLoader
+from torch.utils.data import DataLoader
+
+from sharding.loader import ShardIterableDataset, ShardLoader
 from sharding.manifest import Manifest
 
 
@@ -40,35 +43,67 @@ def causal_lm_batch(tokens_BT1: torch.Tensor, device: torch.device) -> dict[str,
 TASK_BATCHES = {"causal_lm": causal_lm_batch}
 
 
+def _keep_numpy(sample: dict[str, Any]) -> dict[str, Any]:
+    return sample  # DataLoader would turn arrays into tensors one by one; we stack a batch at once
+
+
 class Batches:
-    """Endless micro-batches of `batch_size` samples for rank `rank` of `world_size`."""
+    """Endless micro-batches of `batch_size` samples for rank `rank` of `world_size`.
+
+    With `cfg.num_workers > 0` the shards are read by DataLoader worker processes; each sample
+    carries its stream position and the main process keeps the authoritative loader state, so
+    prefetched but unconsumed samples are never counted as seen.
+    """
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, split: str, *, batch_size: int,
-                 rank: int, world_size: int, seed: int, shuffle: bool, key_log: Path | None = None):
-        self.batch_size = batch_size
-        self.loader = ShardLoader(
-            manifest, cfg.dataset, split, rank=rank, world_size=world_size, num_workers=1, worker_id=0,
-            num_streams=cfg.num_streams, seed=seed, shuffle=shuffle, storage_options=cfg.storage_options,
-        )
+                 rank: int, world_size: int, seed: int, shuffle: bool, key_log: Path | None = None,
+                 num_workers: int | None = None):
         if not split_has_samples(manifest, split):
             raise UserError(f"data.dataset {cfg.dataset}: split '{split}' has no samples")
+        self.batch_size = batch_size
+        self.num_workers = cfg.num_workers if num_workers is None else num_workers
+        common = dict(rank=rank, world_size=world_size, num_streams=cfg.num_streams, seed=seed, shuffle=shuffle,
+                      storage_options=cfg.storage_options)
+        if self.num_workers > 0:
+            self.dataset = ShardIterableDataset(manifest, cfg.dataset, split, num_workers=self.num_workers, **common)
+            self.tracker = self.dataset.new_state()
+        else:
+            self.loader = ShardLoader(manifest, cfg.dataset, split, num_workers=1, worker_id=0, **common)
         self.epoch = 0
-        self._iterator: Iterator[dict[str, Any]] = iter(self.loader)
+        self._iterator: Iterator[dict[str, Any]] | None = None
         self.key_log = key_log
 
+    def _start_iterator(self) -> Iterator[dict[str, Any]]:
+        if self.num_workers == 0:
+            return iter(self.loader)
+        self.tracker = self.dataset.new_state()
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_numpy,
+                            prefetch_factor=2 * self.batch_size)
+        return iter(loader)
+
+    def _set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        (self.dataset if self.num_workers else self.loader).set_epoch(epoch)
+        self._iterator = None
+
     def _next_sample(self) -> dict[str, Any]:
+        if self._iterator is None:
+            self._iterator = self._start_iterator()
         try:
-            return next(self._iterator)
+            sample = next(self._iterator)
         except StopIteration:
-            self.epoch += 1
-            self.loader.set_epoch(self.epoch)
-            self._iterator = iter(self.loader)
+            self._set_epoch(self.epoch + 1)
+            self._iterator = self._start_iterator()
             try:
-                return next(self._iterator)
+                sample = next(self._iterator)
             except StopIteration:
                 raise UserError("this rank's part of the dataset is empty: fewer shards than ranks") from None
+        if self.num_workers:
+            self.tracker.update(sample["__stream__"], sample["__position__"])
+        return sample
 
     def next_batch(self, step: int | None = None) -> torch.Tensor:
+        """(B, T+1) int64 tokens."""
         samples = [self._next_sample() for _ in range(self.batch_size)]
         if self.key_log is not None:
             with open(self.key_log, "a") as handle:
@@ -77,22 +112,16 @@ class Batches:
         return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
 
     def take(self, num_batches: int) -> list[torch.Tensor]:
-        """The first `num_batches` of one pass (for validation: a fixed set every time)."""
-        batches, buffer = [], []
-        for sample in self.loader:
-            buffer.append(sample["tokens"])
-            if len(buffer) == self.batch_size:
-                batches.append(torch.from_numpy(np.stack(buffer).astype(np.int64)))
-                buffer = []
-                if len(batches) == num_batches:
-                    break
-        return batches
+        """The first `num_batches` full batches of a pass, read in-process (validation: the same set every time)."""
+        assert self.num_workers == 0, "take() reads in the main process"
+        tokens = [s["tokens"] for s in itertools.islice(iter(self.loader), num_batches * self.batch_size)]
+        size = self.batch_size
+        return [torch.from_numpy(np.stack(tokens[i:i + size]).astype(np.int64)) for i in range(0, len(tokens) - size + 1, size)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+        loader_state = self.tracker.state_dict() if self.num_workers else self.loader.state_dict()
+        return {"epoch": self.epoch, "loader": loader_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = state["epoch"]
-        self.loader.set_epoch(self.epoch)
-        self.loader.load_state_dict(state["loader"])
-        self._iterator = iter(self.loader)
+        self._set_epoch(state["epoch"])
+        (self.dataset if self.num_workers else self.loader).load_state_dict(state["loader"])

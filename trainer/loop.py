@@ -144,7 +144,8 @@ class Trainer:
         if not self.has_val:
             return None
         val = Batches(self.manifest, self.cfg.data, self.cfg.data.val_split, batch_size=self.cfg.optim.micro_batch_size,
-                      rank=self.engine.rank, world_size=self.engine.world_size, seed=self.cfg.run.seed, shuffle=False)
+                      rank=self.engine.rank, world_size=self.engine.world_size, seed=self.cfg.run.seed, shuffle=False,
+                      num_workers=0)
         losses = [self.engine.eval_loss(self.to_batch(b, self.device)) for b in val.take(self.cfg.eval.num_batches)]
         return torch.stack(losses).mean().item() if losses else None
 
