@@ -163,7 +163,7 @@ class Trainer:
         last_stop = min(last_stop, cfg.run.max_steps)
         progress = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", unit="step",
                         disable=not (cfg.logging.progress and is_main), dynamic_ncols=True)
-        window_time, window_tokens = 0.0, 0
+        window_time, window_tokens, window_losses = 0.0, 0, []
         last_record: dict[str, Any] = {}
         last_checkpoint = None
         while self.step < last_stop:
@@ -174,6 +174,7 @@ class Trainer:
                 tokens = self.train_batches.next_batch(self.step + 1)
                 losses.append(self.engine.forward_backward(self.to_batch(tokens, self.device), 1.0 / accum))
             grad_norm = self.engine.optimizer_step()
+            window_losses.append(torch.stack(losses).mean())
             self.step += 1
             self.tokens_seen += tokens_per_step
             self.samples_seen += cfg.optim.micro_batch_size * accum * self.engine.world_size
@@ -185,7 +186,8 @@ class Trainer:
             if self._is_due(cfg.logging.every_steps) or is_eval:
                 tokens_per_s = window_tokens / max(window_time, 1e-9)
                 record = {
-                    "step": self.step, "loss": torch.stack(losses).mean().item(), "lr": lr,
+                    # mean over the steps since the last record: one step's loss is noisy
+                    "step": self.step, "loss": torch.stack(window_losses).mean().item(), "lr": lr,
                     "grad_norm": grad_norm.item(), "tokens": self.tokens_seen, "samples": self.samples_seen,
                     "tokens_per_s": tokens_per_s, "world_size": self.engine.world_size,
                     "mfu": self.flops_per_token * tokens_per_s / (peak_flops * self.engine.world_size),
@@ -198,14 +200,16 @@ class Trainer:
                 metrics.log(record)
                 last_record = record
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
-                window_time, window_tokens = 0.0, 0
+                window_time, window_tokens, window_losses = 0.0, 0, []
             every = cfg.checkpoint.every_steps
             if (every > 0 and self.step % every == 0) or self.step == self.stop_at_step \
                     or (self.step == cfg.run.max_steps and cfg.checkpoint.save_final):
                 last_checkpoint = self.save_checkpoint()
         progress.close()
         metrics.close()
-        plot = plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png") if is_main else None
+        entropy = self.manifest.stats.get("unigram_entropy_nats")
+        references = {"unigram entropy of the data": entropy} if entropy else None
+        plot = plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png", references) if is_main else None
         return {
             "step": self.step, "finished": self.step >= cfg.run.max_steps, "run_dir": str(self.run_dir),
             "checkpoint": str(last_checkpoint or self.checkpoints.latest() or ""), "plot": str(plot or ""),

@@ -82,8 +82,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
-    """Train (and validation) loss over steps as a PNG."""
+def plot_losses(metrics_path: Path, out_path: Path, references: dict[str, float] | None = None) -> Path | None:
+    """Train (and validation) loss over steps as a PNG, with horizontal reference levels."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -98,6 +98,8 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     ax.plot(*zip(*train), label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", label="val loss")
+    for label, level in (references or {}).items():
+        ax.axhline(level, linestyle="--", color="gray", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats)")
     ax.grid(alpha=0.3)
