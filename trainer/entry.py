@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> dict | None:
         if trainer.resumed_from:
             logging.getLogger("tokfleet").info("resumed from %s at step %d", trainer.resumed_from, trainer.step)
         summary = trainer.train()
+        summary["plot"] = str(trainer.plot() or "")
     print(json.dumps({k: summary[k] for k in ("step", "finished", "checkpoint", "run_dir")}), file=sys.stderr)
     return summary
 

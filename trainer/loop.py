@@ -149,6 +149,14 @@ class Trainer:
         losses = [self.engine.eval_loss(self.to_batch(b, self.device)) for b in val.take(self.cfg.eval.num_batches)]
         return torch.stack(losses).mean().item() if losses else None
 
+    def plot(self) -> Path | None:
+        """plots/loss.png from metrics.jsonl, with the data's unigram entropy as a reference level."""
+        if self.engine.rank != 0:
+            return None
+        entropy = self.manifest.stats.get("unigram_entropy_nats")
+        references = {"unigram entropy of the data": entropy} if entropy else None
+        return plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png", references)
+
     def _is_due(self, every: int) -> bool:
         return self.step == self.cfg.run.max_steps or (every > 0 and self.step % every == 0)
 
@@ -207,12 +215,9 @@ class Trainer:
                 last_checkpoint = self.save_checkpoint()
         progress.close()
         metrics.close()
-        entropy = self.manifest.stats.get("unigram_entropy_nats")
-        references = {"unigram entropy of the data": entropy} if entropy else None
-        plot = plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png", references) if is_main else None
         return {
             "step": self.step, "finished": self.step >= cfg.run.max_steps, "run_dir": str(self.run_dir),
-            "checkpoint": str(last_checkpoint or self.checkpoints.latest() or ""), "plot": str(plot or ""),
+            "checkpoint": str(last_checkpoint or self.checkpoints.latest() or ""),
             "last": last_record, "resumed_from": str(self.resumed_from or ""), "num_params": self.num_params,
             "peak_flops": peak_flops,
         }
