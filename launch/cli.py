@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import sys
 from pathlib import Path
@@ -122,14 +123,56 @@ def _inspect_checkpoint(path: str) -> None:
     state = read_trainer_state(directory)
     size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     model = state["model"]
+    info = state.get("engine_info", {})
     print(f"checkpoint {directory}")
     print(f"  step {state['step']}, tokens {state['tokens']}, samples {state['samples']}")
-    print(f"  engine {state['engine']}, world size {state['world_size']}")
+    print(f"  engine {state['engine']} ({state.get('format', 'torch')} format), world size {state['world_size']}"
+          + (f", ZeRO stage {info['zero_stage']}" if "zero_stage" in info else "")
+          + "".join(f", {k} {v}" for k, v in info.items() if k != "zero_stage"))
     print(f"  model {model['name']} ({model['flavor']}): {json.dumps(model['args'])}")
-    for rank, data_state in enumerate(state["data"]["rank_states"]):
-        positions = data_state["loader"].get("positions", {})
-        print(f"  rank {rank} data: epoch {data_state['epoch']}, {len(positions)} streams positioned")
-    print(f"  size {size / 1e6:.1f} MB")
+    if "exported_from" in state:
+        source = state["exported_from"]
+        print(f"  exported from {source['checkpoint']} ({source['engine']}, {source['world_size']} rank(s))")
+    if "data" in state:
+        print(f"  data position: {_data_position(state)}")
+    print(f"  size {size / 1e6:.1f} MB in {sum(1 for p in directory.rglob('*') if p.is_file())} files")
+
+
+def _data_position(state: dict) -> str:
+    """Epoch and samples read of it, from the per-rank stream positions (needs the dataset)."""
+    from launch.config import DataConfig
+    from launch.schema import from_dict
+    from sharding.loader import ShardLoader, merge_states
+    from sharding.manifest import Manifest
+
+    merged = merge_states(s["loader"] for s in state["data"]["rank_states"])
+    text = f"epoch {merged['epoch']}, {len(merged['positions'])} streams over {state['world_size']} rank(s)"
+    try:
+        data_cfg = from_dict(DataConfig, state["config"]["data"])
+        manifest = Manifest.read(data_cfg.dataset, data_cfg.storage_options)
+        loader = ShardLoader(manifest, data_cfg.dataset, data_cfg.train_split, num_streams=merged["num_streams"],
+                             seed=merged["seed"], shuffle=data_cfg.shuffle)
+        loader.load_state_dict(merged)
+        read = len(loader) - loader.num_remaining()
+        text += f", {read} of {len(loader)} samples of the epoch read"
+    except Exception as error:  # the dataset may live elsewhere: the positions are still shown
+        text += f" (dataset not readable here: {str(error).splitlines()[0][:80]})"
+    return text
+
+
+# ------------------------------------------------------------------ export
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from safetensors import safe_open
+
+    from trainer.export import export_checkpoint
+
+    with exit_on_user_error(args.debug):
+        out = export_checkpoint(args.checkpoint, args.out)
+    with safe_open(out / "model.safetensors", "pt") as handle:
+        count = sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+    print(f"exported {args.checkpoint} -> {out} ({count:,} parameters, fp32)")
 
 
 # ------------------------------------------------------------------ models
@@ -199,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="dataset root, checkpoint folder or run dir")
     inspect.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     inspect.set_defaults(func=cmd_inspect)
+
+    export = sub.add_parser("export", help="consolidate a checkpoint (ZeRO / FSDP shards too) into one safetensors model",
+                            description="Writes OUT/model.safetensors (fp32, whole tensors), the model spec and the tokenizer: a "
+                                        "single-device checkpoint that `tokfleet generate --checkpoint OUT` loads. Needs no GPU.")
+    export.add_argument("checkpoint", help="checkpoint folder or run dir (its newest complete checkpoint)")
+    export.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    export.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    export.set_defaults(func=cmd_export)
 
     models = sub.add_parser("models", help="list registered models and flavors with parameter counts",
                             description="Every registered model_name and flavor, built on the meta device to count parameters.")

@@ -79,9 +79,33 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    kind: Literal["single"] = option("single", "training engine")
-    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "fp32, bf16 autocast, or fp16 autocast + grad scaler")
+    kind: Literal["single", "accelerate", "deepspeed"] = option(
+        "single", "single: one device, plain PyTorch; accelerate: DDP / FSDP / DeepSpeed through HF Accelerate; "
+                  "deepspeed: DeepSpeed ZeRO directly. Ranks come from the launcher (torchrun, deepspeed, accelerate launch, srun)")
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", "fp32; bf16 (autocast, or bf16 weights with fp32 master copies under DeepSpeed); fp16 with loss scaling (GPU)")
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = option(
+        "auto", "accelerate only: auto takes what `accelerate launch --config_file` set, else ddp")
     peak_flops: float = option(0.0, "peak FLOP/s of one device for MFU; 0 measures an fp32 matmul at start")
+    zero_stage: int | None = option(None, "DeepSpeed ZeRO stage 0-3; empty: the deepspeed_config's stage, else 0")
+    offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer states in CPU memory (ZeRO 1-3)")
+    offload_params: bool = option(False, "DeepSpeed: keep parameters in CPU memory (ZeRO 3 only)")
+    deepspeed_config: str | None = option(None, "DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); this config's values win")
+    timeout_s: float = option(300.0, "seconds a collective waits for a missing rank before the job fails")
+
+    def __post_init__(self):
+        if self.zero_stage is not None and not 0 <= self.zero_stage <= 3:
+            raise ValueError(f"engine.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        uses_deepspeed = self.kind == "deepspeed" or (self.kind == "accelerate" and self.strategy in ("auto", "deepspeed"))
+        if not uses_deepspeed and (self.zero_stage is not None or self.offload_optimizer or self.offload_params or self.deepspeed_config):
+            raise ValueError(f"engine.zero_stage/offload_*/deepspeed_config need DeepSpeed (engine.kind deepspeed, or "
+                             f"accelerate with strategy deepspeed), not kind {self.kind!r} strategy {self.strategy!r}")
+        if self.kind != "accelerate" and self.strategy != "auto":
+            raise ValueError(f"engine.strategy is for engine.kind accelerate, not {self.kind!r}")
+        if self.offload_params and self.zero_stage not in (None, 3):
+            raise ValueError(f"engine.offload_params needs ZeRO stage 3, not {self.zero_stage}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"engine.timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass

@@ -174,6 +174,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    _no_split_modules = ["Block"]  # the unit engines shard or wrap one by one (FSDP), as in HF models
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config

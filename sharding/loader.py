@@ -14,6 +14,12 @@ and seed, and:
 - states of all readers merged (`merge_states`) resume at any other world size or worker
   count, every remaining sample read exactly once.
 
+Readers finish an epoch at different times (their shares differ by up to a shard), so a
+reader that is done starts the next epoch while others are still in the current one. A merged
+state then has streams in two epochs: `epoch` is the earliest, and `stream_epochs` names the
+streams whose position lies in a later epoch; in the earlier epochs those streams count as
+read to the end. Nothing of either epoch is lost or read twice.
+
     loader = ShardLoader(manifest, url, "train", rank=r, world_size=W, num_streams=64, seed=s)
     loader.set_epoch(epoch)
     for sample in loader:                 # {"__key__": str, "tokens": (seq_len + 1,) array}
@@ -57,8 +63,8 @@ def _checked_header(state: dict[str, Any], num_streams: int, seed: int) -> None:
 
 
 def _own_positions(state: dict[str, Any], streams: list[int]) -> dict[int, list[int]]:
-    """This reader's positions out of `state` (JSON turns stream keys into strings)."""
-    positions = {int(stream): [int(p) for p in position] for stream, position in state["positions"].items()}
+    """This reader's positions out of `state`."""
+    positions = _positions(state)
     missing = [stream for stream in streams if stream not in positions]
     if missing:
         raise ValueError(
@@ -68,23 +74,60 @@ def _own_positions(state: dict[str, Any], streams: list[int]) -> dict[int, list[
     return {stream: positions[stream] for stream in streams}
 
 
+def _positions(state: dict[str, Any]) -> dict[int, list[int]]:
+    """`state`'s positions with int keys (JSON turns stream keys into strings)."""
+    return {int(stream): [int(p) for p in position] for stream, position in state["positions"].items()}
+
+
+def stream_epochs(state: dict[str, Any]) -> dict[int, int]:
+    """The epoch of every stream's position in `state` (most states: all the same)."""
+    epoch = int(state["epoch"])
+    later = {int(stream): int(e) for stream, e in state.get("stream_epochs", {}).items()}
+    return {int(stream): later.get(int(stream), epoch) for stream in state["positions"]}
+
+
+def _state(epoch: int, seed: int, num_streams: int, positions: dict[int, list[int]], epochs: dict[int, int]) -> dict[str, Any]:
+    state = {"epoch": epoch, "seed": seed, "num_streams": num_streams,
+             "positions": {stream: list(positions[stream]) for stream in sorted(positions)}}
+    later = {stream: e for stream, e in sorted(epochs.items()) if e != epoch}
+    if later:
+        state["stream_epochs"] = later
+    return state
+
+
+def advance_state(state: dict[str, Any] | None, epoch: int) -> dict[str, Any] | None:
+    """`state` as seen from the start of a later `epoch`: streams whose position is in an earlier
+    epoch start afresh; streams already in `epoch` or beyond keep their positions."""
+    if state is None or int(state["epoch"]) == epoch:
+        return state
+    assert epoch > int(state["epoch"]), f"cannot go back from epoch {state['epoch']} to {epoch}"
+    epochs = stream_epochs(state)
+    positions = {stream: (position if epochs[stream] >= epoch else [0, 0]) for stream, position in _positions(state).items()}
+    return _state(epoch, state["seed"], state["num_streams"], positions, {s: max(e, epoch) for s, e in epochs.items()})
+
+
 def merge_states(states: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """One state covering the streams of all `states` (e.g. every rank's): loadable at any world size."""
+    """One state covering the streams of all `states` (e.g. every rank's): loadable at any world size.
+
+    The states may be in different epochs (a reader that finished its share early has moved on).
+    """
     states = list(states)
     if not states:
         raise ValueError("merge_states needs at least one state")
     first = states[0]
-    merged: dict[int, list[int]] = {}
+    positions: dict[int, list[int]] = {}
+    epochs: dict[int, int] = {}
     for state in states:
-        for key in ("epoch", "seed", "num_streams"):
+        for key in ("seed", "num_streams"):
             if state.get(key) != first.get(key):
                 raise ValueError(f"cannot merge loader states with different {key}: {first.get(key)} and {state.get(key)}")
-        for stream, position in state["positions"].items():
-            stream, position = int(stream), [int(p) for p in position]
-            if merged.get(stream, position) != position:
-                raise ValueError(f"stream {stream} has two different positions: {merged[stream]} and {position}")
-            merged[stream] = position
-    return {"epoch": first["epoch"], "seed": first["seed"], "num_streams": first["num_streams"], "positions": dict(sorted(merged.items()))}
+        for stream, position in _positions(state).items():
+            epoch = stream_epochs(state)[stream]
+            if stream in positions and (positions[stream], epochs[stream]) != (position, epoch):
+                raise ValueError(f"stream {stream} has two different positions: {positions[stream]} (epoch {epochs[stream]}) "
+                                 f"and {position} (epoch {epoch})")
+            positions[stream], epochs[stream] = position, epoch
+    return _state(min(epochs.values()), first["seed"], first["num_streams"], positions, epochs)
 
 
 class ShardLoader:
@@ -119,6 +162,7 @@ class ShardLoader:
         self.storage_options = storage_options
         self.streams = streams_of_reader(num_streams, rank * num_workers + worker_id, world_size * num_workers)
         self._loaded: dict[int, tuple[list, np.ndarray]] = {}  # shard id -> (samples in file order, visiting order)
+        self._carried: dict[str, Any] | None = None  # a loaded state with streams in later epochs, until reached
         self._start_epoch(0)
 
     # ----------------------------------------------------------- order
@@ -131,6 +175,25 @@ class ShardLoader:
         self._stream_shards = {stream: order[stream :: self.num_streams].tolist() for stream in self.streams}
         self._positions = {stream: [0, 0] for stream in self.streams}
         self._loaded.clear()
+        self._carried = advance_state(self._carried, epoch)
+        if self._carried is None:
+            return
+        positions, epochs = _own_positions(self._carried, self.streams), stream_epochs(self._carried)
+        for stream, position in positions.items():
+            if epochs[stream] > epoch:  # this stream's reader had finished it and moved on
+                self._positions[stream] = [len(self._stream_shards[stream]), 0]
+            else:
+                self._positions[stream] = self._checked(stream, position)
+        if all(epochs[stream] <= epoch for stream in self.streams):
+            self._carried = None
+
+    def _checked(self, stream: int, position: list[int]) -> list[int]:
+        shard_ids = self._stream_shards[stream]
+        shard_in_stream, offset = position
+        is_end = shard_in_stream == len(shard_ids) and offset == 0
+        if not is_end and not (0 <= shard_in_stream < len(shard_ids) and 0 <= offset <= self.shards[shard_ids[shard_in_stream]].num_samples):
+            raise ValueError(f"loader state position {position} of stream {stream} does not fit this dataset")
+        return [shard_in_stream, offset]
 
     def _sample_order(self, shard_id: int) -> np.ndarray:
         num_samples = self.shards[shard_id].num_samples
@@ -208,27 +271,25 @@ class ShardLoader:
 
     def rewind(self) -> None:
         """Back to the start of the current epoch (e.g. to validate on the same samples every time)."""
+        self._carried = None
         self._start_epoch(self.epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "seed": self.seed,
-            "num_streams": self.num_streams,
-            "positions": {stream: list(position) for stream, position in self._positions.items()},
-        }
+        positions = {stream: list(position) for stream, position in self._positions.items()}
+        epochs = {stream: self.epoch for stream in self.streams}
+        if self._carried is not None:  # streams still waiting in a later epoch keep their positions there
+            carried, carried_epochs = _own_positions(self._carried, self.streams), stream_epochs(self._carried)
+            for stream in self.streams:
+                if carried_epochs[stream] > self.epoch:
+                    positions[stream], epochs[stream] = carried[stream], carried_epochs[stream]
+        return _state(self.epoch, self.seed, self.num_streams, positions, epochs)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state`: this reader's own state, or a merge_states() of several readers'."""
         _checked_header(state, self.num_streams, self.seed)
-        positions = _own_positions(state, self.streams)
+        _own_positions(state, self.streams)  # every stream of this reader must be there
+        self._carried = state
         self._start_epoch(int(state["epoch"]))
-        for stream, (shard_in_stream, offset) in positions.items():
-            shard_ids = self._stream_shards[stream]
-            is_end = shard_in_stream == len(shard_ids) and offset == 0
-            if not is_end and not (0 <= shard_in_stream < len(shard_ids) and 0 <= offset <= self.shards[shard_ids[shard_in_stream]].num_samples):
-                raise ValueError(f"loader state position {[shard_in_stream, offset]} of stream {stream} does not fit this dataset")
-            self._positions[stream] = [shard_in_stream, offset]
 
 
 class LoaderState:
@@ -244,11 +305,22 @@ class LoaderState:
         self.streams = sorted(
             stream for worker in range(num_workers) for stream in streams_of_reader(num_streams, rank * num_workers + worker, num_readers)
         )
+        self._carried: dict[str, Any] | None = None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        """Start `epoch`; streams of a loaded state that are already in it keep their positions."""
         self.epoch = epoch
         self.positions = {stream: [0, 0] for stream in self.streams}
+        self.later: dict[int, tuple[int, list[int]]] = {}  # stream -> (its later epoch, position there)
+        self._carried = advance_state(self._carried, epoch)
+        if self._carried is not None:
+            epochs = stream_epochs(self._carried)
+            for stream, position in _own_positions(self._carried, self.streams).items():
+                if epochs[stream] > epoch:
+                    self.later[stream] = (epochs[stream], position)
+                else:
+                    self.positions[stream] = position
 
     def update(self, stream: int, position: Iterable[int]) -> None:
         self.positions[int(stream)] = [int(p) for p in position]
@@ -261,17 +333,17 @@ class LoaderState:
             self.update(stream, position)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "seed": self.seed,
-            "num_streams": self.num_streams,
-            "positions": {stream: list(position) for stream, position in self.positions.items()},
-        }
+        positions = {stream: list(position) for stream, position in self.positions.items()}
+        epochs = {stream: self.epoch for stream in self.streams}
+        for stream, (epoch, position) in self.later.items():
+            positions[stream], epochs[stream] = list(position), epoch
+        return _state(self.epoch, self.seed, self.num_streams, positions, epochs)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checked_header(state, self.num_streams, self.seed)
-        self.positions = _own_positions(state, self.streams)
-        self.epoch = int(state["epoch"])
+        _own_positions(state, self.streams)
+        self._carried = state
+        self.set_epoch(int(state["epoch"]))
 
 
 class ShardIterableDataset(torch.utils.data.IterableDataset):
@@ -308,7 +380,7 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.state = epoch, None
+            self.epoch, self.state = epoch, advance_state(self.state, epoch)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.state = int(state["epoch"]), state

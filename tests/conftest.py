@@ -51,3 +51,44 @@ def text_dataset(ray_session, tmp_path_factory) -> str:
     )
     prepare_text(cfg, progress=False)
     return str(output)
+
+
+def write_token_dataset(root, *, num_shards: int = 4, samples_per_shard: int = 24, val_samples: int = 8,
+                        seq_len: int = 32, vocab_size: int = 128, seed: int = 0) -> str:
+    """Token shards written directly (no Ray): a first-order Markov chain, so a model can learn it.
+
+    Equal shards on purpose: with data.num_streams == num_shards every stream is one shard, and
+    1 rank with batch 2B reads the same samples per step as 2 ranks with batch B each.
+    """
+    import numpy as np
+
+    from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord
+    from sharding.shards import sample_key, shard_name, write_shard
+
+    rng = np.random.default_rng(seed)
+    successors = rng.integers(0, vocab_size, size=(vocab_size, 4))  # each token has 4 likely successors
+
+    def sequence():
+        tokens = [int(rng.integers(vocab_size))]
+        for _ in range(seq_len):
+            tokens.append(int(successors[tokens[-1], rng.integers(4)]))
+        return np.array(tokens, dtype=np.uint16)
+
+    records = []
+    sizes = [samples_per_shard] * num_shards + [val_samples]
+    for index, size in enumerate(sizes):
+        name = shard_name("toy", index)
+        written = write_shard(f"{root}/{name}", ({"__key__": sample_key("toy", index, i), "tokens.npy": sequence()} for i in range(size)))
+        split = "val" if index == num_shards else "train"
+        records.append(ShardRecord(name, split, written.num_samples, written.num_bytes, written.sha256, [f"chain{index}"]))
+    Manifest(
+        format_version=FORMAT_VERSION, name="toy", kind="text_tokens", seq_len=seq_len, vocab_size=vocab_size,
+        fields={"tokens.npy": {"dtype": "uint16", "shape": [seq_len + 1]}}, shards=records, tokenizer={},
+        sources={}, skipped=[], stats={"unigram_entropy_nats": float(np.log(vocab_size))}, created_by={"program": "tests"},
+    ).write(str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def token_dataset(tmp_path_factory) -> str:
+    return write_token_dataset(tmp_path_factory.mktemp("datasets") / "toy-tokens")

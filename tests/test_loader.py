@@ -162,10 +162,81 @@ def test_state_mismatches_are_errors(dataset):
     one_rank = make(dataset, rank=0, world_size=2).state_dict()
     with pytest.raises(ValueError, match="merge_states"):
         make(dataset).load_state_dict(one_rank)
-    later = make(dataset)
-    later.set_epoch(1)
-    with pytest.raises(ValueError, match="epoch"):
-        merge_states([one_rank, later.state_dict()])
+    further = make(dataset)
+    take(further, 9)
+    with pytest.raises(ValueError, match="two different positions"):
+        merge_states([one_rank, further.state_dict()])
+
+
+def read_epoch(loader: ShardLoader, epoch: int) -> list[str]:
+    loader.set_epoch(epoch)
+    return keys(loader)
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+@pytest.mark.parametrize("ahead_taken", [0, 4])
+def test_elastic_resume_with_ranks_in_different_epochs(dataset, new_world, ahead_taken):
+    """The rank with the smaller share finishes epoch 0 first and starts epoch 1; a checkpoint
+    taken then resumes at another world size with both epochs exact."""
+    manifest, _ = dataset
+    ranks = [make(dataset, rank=rank, world_size=2) for rank in range(2)]
+    short, long = sorted(ranks, key=len)
+    assert len(short) < len(long)
+    seen = {0: keys(short) + take(long, len(short)), 1: []}
+    short.set_epoch(1)
+    seen[1] += take(short, ahead_taken)
+    merged = merge_states([roundtrip(rank.state_dict()) for rank in ranks])
+    assert merged["epoch"] == 0 and set(merged["stream_epochs"].values()) == {1}
+
+    for rank in range(new_world):
+        loader = make(dataset, rank=rank, world_size=new_world)
+        loader.load_state_dict(roundtrip(merged))
+        seen[0] += keys(loader)
+        seen[1] += read_epoch(loader, 1)
+    for epoch in (0, 1):
+        assert sorted(seen[epoch]) == sorted(all_train_keys(manifest)), f"epoch {epoch}"
+    # and the resumed loaders go on into epoch 2 from its start
+    loader = make(dataset)
+    loader.load_state_dict(roundtrip(merged))
+    read_epoch(loader, 1)
+    assert sorted(read_epoch(loader, 2)) == sorted(all_train_keys(manifest))
+
+
+def test_state_of_a_rank_waiting_in_a_later_epoch_round_trips(dataset):
+    """Resumed at the same world size, a rank whose streams are partly in a later epoch saves them unchanged."""
+    manifest, _ = dataset
+    ranks = [make(dataset, rank=rank, world_size=2) for rank in range(2)]
+    short = min(ranks, key=len)
+    keys(short)
+    short.set_epoch(1)
+    take(short, 3)
+    merged = merge_states([roundtrip(rank.state_dict()) for rank in ranks])
+    single = make(dataset)
+    single.load_state_dict(roundtrip(merged))
+    assert merge_states([single.state_dict()]) == merged
+    tracker = LoaderState(num_streams=4, seed=7)
+    tracker.load_state_dict(roundtrip(merged))
+    assert tracker.state_dict() == merged
+
+
+def test_workers_resume_a_state_with_streams_in_two_epochs(dataset):
+    manifest, url = dataset
+    ranks = [make(dataset, rank=rank, world_size=2) for rank in range(2)]
+    short, long = sorted(ranks, key=len)
+    seen = {0: keys(short) + take(long, 2), 1: []}
+    short.set_epoch(1)
+    seen[1] += take(short, 5)
+    merged = roundtrip(merge_states([roundtrip(rank.state_dict()) for rank in ranks]))
+
+    data = ShardIterableDataset(manifest, url, "train", num_workers=2, num_streams=4, seed=7)
+    data.load_state_dict(merged)
+    for epoch in (0, 1):
+        data.set_epoch(epoch)
+        tracker = data.new_state()
+        for batch in torch.utils.data.DataLoader(data, batch_size=3, num_workers=2):
+            tracker.update_batch(batch)
+            seen[epoch] += batch["__key__"]
+        assert sorted(seen[epoch]) == sorted(all_train_keys(manifest)), f"epoch {epoch}"
 
 
 def test_damaged_shard_is_a_user_error(tmp_path):

@@ -5,6 +5,10 @@ written last, the `COMPLETE` marker; `checkpoints/latest` names the newest compl
 A checkpoint is assembled in a hidden temporary folder and renamed into place, so a
 crash mid-write leaves at worst a temporary folder that is never loaded and is cleaned
 up by the next save.
+
+With several ranks (the run directory on a shared filesystem), every rank writes its own
+engine files into the one temporary folder; after a barrier rank 0 alone writes the trainer
+state (which holds every rank's loader and RNG state), the marker, the rename and `latest`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from launch.errors import UserError
+from trainer import distributed
 
 STATE_FILE = "trainer_state.json"
 COMPLETE_MARKER = "COMPLETE"
@@ -30,7 +35,9 @@ def step_dir_name(step: int) -> str:
 
 def _fsync_tree(directory: Path) -> None:
     for path in directory.iterdir():
-        if path.is_file():
+        if path.is_dir():
+            _fsync_tree(path)  # engines with per-rank shards write a sub-folder
+        elif path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
     fd = os.open(directory, os.O_RDONLY)
@@ -90,24 +97,34 @@ class CheckpointManager:
         return complete[-1] if complete else None
 
     def save(self, step: int, write_files: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
-        """Write a checkpoint for `step` atomically and return its folder."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Write a checkpoint for `step` atomically and return its folder.
+
+        Every rank calls this (collectively); `write_files(tmp)` runs on every rank,
+        `trainer_state` is used on rank 0 only.
+        """
+        is_main = distributed.rank() == 0
         final = self.root / step_dir_name(step)
-        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = self.root / f".{final.name}.tmp-{distributed.broadcast_object(os.getpid())}"  # rank 0's pid names it
+        if is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        distributed.barrier()
         write_files(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "files": files}))
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step after resuming from an older checkpoint
-            stale = self.root / f".{final.name}.stale-{os.getpid()}"
-            final.rename(stale)
-            shutil.rmtree(stale)
-        tmp.rename(final)
-        _write_atomic(self.root / LATEST_FILE, final.name + "\n")
-        self._prune()
+        distributed.barrier()  # every rank's files are written
+        if is_main:
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "files": files}))
+            _fsync_tree(tmp)
+            if final.exists():  # re-saving a step after resuming from an older checkpoint
+                stale = self.root / f".{final.name}.stale-{os.getpid()}"
+                final.rename(stale)
+                shutil.rmtree(stale)
+            tmp.rename(final)
+            _write_atomic(self.root / LATEST_FILE, final.name + "\n")
+            self._prune()
+        distributed.barrier()  # no rank goes on before the checkpoint is in place
         return final
 
     def _prune(self) -> None:

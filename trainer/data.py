@@ -23,6 +23,9 @@ from sharding.loader import ShardIterableDataset, ShardLoader
 from sharding.manifest import Manifest
 
 
+MAX_EMPTY_EPOCHS = 8  # more than any resumed state can skip (ranks drift apart by at most an epoch or two)
+
+
 def read_manifest(cfg: DataConfig) -> Manifest:
     try:
         return Manifest.read(cfg.dataset, cfg.storage_options)
@@ -89,15 +92,18 @@ class Batches:
     def _next_sample(self) -> dict[str, Any]:
         if self._iterator is None:
             self._iterator = self._start_iterator()
-        try:
-            sample = next(self._iterator)
-        except StopIteration:
+        # A resumed state may hold this rank's streams in a later epoch (they were read to the end
+        # of this one): such epochs yield nothing here, so move on. A fresh epoch that yields
+        # nothing means the rank has no data at all.
+        for _ in range(MAX_EMPTY_EPOCHS):
+            sample = next(self._iterator, None)
+            if sample is not None:
+                break
             self._set_epoch(self.epoch + 1)
             self._iterator = self._start_iterator()
-            try:
-                sample = next(self._iterator)
-            except StopIteration:
-                raise UserError("this rank's part of the dataset is empty: fewer shards than ranks") from None
+        else:
+            raise UserError("this rank's part of the dataset is empty: fewer shards than ranks x data workers "
+                            "(write more, smaller shards, or use fewer ranks)")
         if self.num_workers:
             self.tracker.update(sample["__stream__"], sample["__position__"])
         return sample

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint and stop after step N (as a preemption would); resume later with --resume auto")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    # the deepspeed launcher (without --no_local_rank) passes this; the rank is read from the environment
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -33,12 +35,20 @@ def run(args: argparse.Namespace) -> dict | None:
         if args.print_config:
             print(dump_config(cfg), end="")
             return None
+        from trainer import distributed
         from trainer.loop import Trainer  # heavy imports after the config is known good
 
-        trainer = Trainer(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
-        if trainer.resumed_from:
-            logging.getLogger("tokfleet").info("resumed from %s at step %d", trainer.resumed_from, trainer.step)
-        summary = trainer.train()
+        try:
+            trainer = Trainer(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
+            if not trainer.is_main:
+                logging.getLogger("tokfleet").setLevel(logging.WARNING)
+            if trainer.resumed_from:
+                logging.getLogger("tokfleet").info("resumed from %s at step %d", trainer.resumed_from, trainer.step)
+            summary = trainer.train()
+        finally:
+            distributed.shutdown()
+        if not trainer.is_main:
+            return summary
         summary["plot"] = str(trainer.plot() or "")
     print(json.dumps({k: summary[k] for k in ("step", "finished", "checkpoint", "run_dir")}), file=sys.stderr)
     return summary

@@ -36,5 +36,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     except RuntimeError as error:
         raise UserError(f"checkpoint {directory} does not match its recorded model: {str(error).splitlines()[0]}") from None
     model.eval()
-    tokenizer_dir = directory.parent.parent / state["tokenizer"] if state.get("tokenizer") else None
-    return model, state, tokenizer_dir
+    return model, state, tokenizer_folder(directory, state)
+
+
+def tokenizer_folder(directory: Path, state: dict[str, Any]) -> Path | None:
+    """The tokenizer a checkpoint names: inside it (exports) or in its run dir (training checkpoints)."""
+    name = state.get("tokenizer")
+    if not name:
+        return None
+    for candidate in (directory / name, directory.parent.parent / name):
+        if candidate.is_dir():
+            return candidate
+    return None

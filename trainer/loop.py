@@ -19,9 +19,11 @@ from launch.schema import to_dict
 from modeling.registry import build_model, get_model_spec, model_config
 from trainer.checkpoint import CheckpointManager, read_trainer_state
 from trainer.data import TASK_BATCHES, Batches, read_manifest, split_has_samples
-from trainer.engines.single import SingleDeviceEngine, pick_device
+from trainer import distributed
+from trainer.engines import build_engine, engine_device
 from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses
 from trainer.rng import rng_state, seed_everything, set_rng_state
+from sharding.loader import merge_states
 
 log = logging.getLogger("tokfleet.trainer")
 
@@ -50,9 +52,17 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
 
 
 class Trainer:
+    """One rank's trainer. Under a launcher every rank builds one; collectives keep them in step,
+    and rank 0 alone writes the run directory's shared files (config, metrics, plots, trainer state)."""
+
     def __init__(self, cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = None):
         self.cfg = cfg
         self.stop_at_step = stop_at_step
+        self.dist_env = distributed.read_env()
+        self.device = engine_device(cfg, self.dist_env)
+        if self.dist_env.world_size > 1 or cfg.engine.kind == "deepspeed":
+            distributed.init_process_group(self.dist_env, self.device, cfg.engine.timeout_s)
+        self.is_main = self.dist_env.is_main
         self.run_dir = Path(cfg.run.output_dir)
         for sub in ("checkpoints", "plots", "logs"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -65,14 +75,14 @@ class Trainer:
         self.spec = get_model_spec(cfg.model.name)
         self.to_batch = TASK_BATCHES[self.spec.task]
 
-        self.device = pick_device(cfg.run.device)
         if cfg.engine.precision == "fp16" and self.device.type == "mps":
             raise UserError("engine.precision fp16 with a grad scaler is not supported on MPS; use bf16 or fp32")
-        seed_everything(cfg.run.seed)
+        seed_everything(cfg.run.seed)  # the same initial weights on every rank
         model = build_model(cfg.model.name, cfg.model.flavor, self.model_args, device=self.device)
-        self.engine = SingleDeviceEngine(model, cfg.optim, cfg.engine, cfg.run.max_steps, self.device)
-        self.flops_per_token = model.num_flops_per_token()
+        self.flops_per_token = model.num_flops_per_token()  # before ZeRO-3 partitions the parameters
         self.num_params = model.num_params()
+        self.engine = build_engine(cfg, model, self.device, self.dist_env.world_size)
+        assert self.engine.world_size == self.dist_env.world_size, (self.engine.world_size, self.dist_env.world_size)
 
         key_log = self.run_dir / "logs" / f"sample_keys-rank{self.engine.rank}.jsonl" if cfg.data.log_sample_keys else None
         self.train_batches = Batches(
@@ -84,12 +94,19 @@ class Trainer:
         self.step, self.tokens_seen, self.samples_seen = 0, 0, 0
         if resume_from is not None:
             self._load(resume_from)
-            for path in (self.run_dir / "metrics.jsonl", key_log):
-                if path is not None:
-                    _truncate_jsonl(path, self.step)
+            # records after the checkpoint belong to a run that did not save them; rank 0 also
+            # cleans the logs of ranks that no longer exist (resumed on fewer ranks)
+            stale = [key_log] if key_log is not None else []
+            if self.is_main:
+                stale.append(self.run_dir / "metrics.jsonl")
+                stale += [p for p in (self.run_dir / "logs").glob("sample_keys-rank*.jsonl")
+                          if int(p.stem.rsplit("rank", 1)[1]) >= self.engine.world_size]
+            for path in stale:
+                _truncate_jsonl(path, self.step)
         self.resumed_from = resume_from
-        self._copy_tokenizer()
-        save_config(cfg, self.run_dir / "config.yaml")
+        if self.is_main:
+            self._copy_tokenizer()
+            save_config(cfg, self.run_dir / "config.yaml")
 
     # ------------------------------------------------------------ checkpoint
 
@@ -100,9 +117,12 @@ class Trainer:
             "samples": self.samples_seen,
             "world_size": self.engine.world_size,
             "engine": self.cfg.engine.kind,
+            "format": self.engine.format,
+            "engine_info": self.engine.describe(),
+            # collective: every rank's own position and RNG, in rank order
             "data": {"manifest_id": self.manifest_id, "dataset": self.cfg.data.dataset,
-                     "rank_states": [self.train_batches.state_dict()]},
-            "rng": [rng_state()],
+                     "rank_states": distributed.all_gather_object(self.train_batches.state_dict())},
+            "rng": distributed.all_gather_object(rng_state()),
             "model": {"name": self.cfg.model.name, "flavor": self.cfg.model.flavor, "args": self.model_args},
             "tokenizer": "tokenizer" if (self.run_dir / "tokenizer").is_dir() else None,
             "config": to_dict(self.cfg),
@@ -118,16 +138,32 @@ class Trainer:
             diff = [f"{k}={saved['args'].get(k)!r} (config: {v!r})" for k, v in self.model_args.items() if saved["args"].get(k) != v]
             raise UserError(f"checkpoint {directory} holds a different architecture: model {saved['name']!r}"
                             + (f", {', '.join(diff)}" if diff else f" (config: {self.cfg.model.name!r})"))
-        if state["engine"] != self.cfg.engine.kind or state["world_size"] != self.engine.world_size:
-            raise UserError(f"checkpoint {directory} was written by engine {state['engine']!r} with {state['world_size']} "
-                            f"rank(s); this run uses {self.cfg.engine.kind!r} with {self.engine.world_size}")
+        saved_format = state.get("format", "torch")
+        if saved_format != self.engine.format:
+            raise UserError(f"checkpoint {directory} holds {saved_format!r} shards (engine {state['engine']!r}); this run's "
+                            f"engine {self.cfg.engine.kind!r} reads {self.engine.format!r}: resume with the same engine, "
+                            "or `tokfleet export` it and start from the exported weights")
         if state["data"]["manifest_id"] != self.manifest_id:
             raise UserError(f"checkpoint {directory} was trained on a different dataset (manifest {state['data']['manifest_id']}, "
                             f"now {self.manifest_id}): its data position does not apply")
-        self.engine.load_checkpoint(directory)
+        saved_world = state["world_size"]
+        self.engine.load_checkpoint(directory, saved_world)
         self.step, self.tokens_seen, self.samples_seen = state["step"], state["tokens"], state["samples"]
-        self.train_batches.load_state_dict(state["data"]["rank_states"][self.engine.rank])
-        set_rng_state(state["rng"][self.engine.rank])
+        # The union of every saved rank's stream positions, split over this run's ranks and workers:
+        # the same positions as each rank's own state when nothing changed, a re-split when the
+        # world size or data.num_workers did (elastic resume).
+        rank_states = state["data"]["rank_states"]
+        try:
+            merged = merge_states(s["loader"] for s in rank_states)
+            self.train_batches.load_state_dict({"epoch": merged["epoch"], "loader": merged})
+        except ValueError as error:
+            raise UserError(f"checkpoint {directory}: its data position does not apply to this run: {error}") from None
+        if saved_world != self.engine.world_size:
+            log.info("elastic resume: %d rank(s) -> %d; data position re-split over the new ranks", saved_world, self.engine.world_size)
+        if self.engine.rank < len(state["rng"]):
+            set_rng_state(state["rng"][self.engine.rank])
+        else:
+            seed_everything(self.cfg.run.seed + self.engine.rank)
 
     def _copy_tokenizer(self) -> None:
         target = self.run_dir / "tokenizer"
@@ -146,8 +182,13 @@ class Trainer:
         val = Batches(self.manifest, self.cfg.data, self.cfg.data.val_split, batch_size=self.cfg.optim.micro_batch_size,
                       rank=self.engine.rank, world_size=self.engine.world_size, seed=self.cfg.run.seed, shuffle=False,
                       num_workers=0)
-        losses = [self.engine.eval_loss(self.to_batch(b, self.device)) for b in val.take(self.cfg.eval.num_batches)]
-        return torch.stack(losses).mean().item() if losses else None
+        batches = val.take(self.cfg.eval.num_batches)
+        # every rank must run the same number of forwards (ZeRO-3 gathers parameters in each)
+        batches = batches[:distributed.all_reduce_min(len(batches))]
+        if not batches:
+            return None
+        losses = [self.engine.eval_loss(self.to_batch(b, self.device)) for b in batches]
+        return distributed.all_reduce_mean(torch.stack(losses).mean()).item()
 
     def plot(self) -> Path | None:
         """plots/loss.png from metrics.jsonl, with the data's unigram entropy as a reference level."""
@@ -162,7 +203,7 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
-        is_main = self.engine.rank == 0
+        is_main = self.is_main
         peak_flops = cfg.engine.peak_flops or measure_peak_flops(self.device)
         metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg), is_main)
         accum = cfg.optim.grad_accum_steps
@@ -195,7 +236,7 @@ class Trainer:
                 tokens_per_s = window_tokens / max(window_time, 1e-9)
                 record = {
                     # mean over the steps since the last record: one step's loss is noisy
-                    "step": self.step, "loss": torch.stack(window_losses).mean().item(), "lr": lr,
+                    "step": self.step, "loss": distributed.all_reduce_mean(torch.stack(window_losses).mean()).item(), "lr": lr,
                     "grad_norm": grad_norm.item(), "tokens": self.tokens_seen, "samples": self.samples_seen,
                     "tokens_per_s": tokens_per_s, "world_size": self.engine.world_size,
                     "mfu": self.flops_per_token * tokens_per_s / (peak_flops * self.engine.world_size),

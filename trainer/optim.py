@@ -10,7 +10,8 @@ from torch import nn
 from launch.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """AdamW parameter groups: matrices decay, the rest does not (shared by every engine)."""
     # Decay only 2D+ weights of linear layers; embeddings and 1D params (norms, biases) are
     # left alone, as in nanoGPT: decaying an embedding shrinks rare tokens towards zero.
     decay, no_decay = [], []
@@ -20,11 +21,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
             continue
         is_matrix = param.dim() >= 2 and id(param) not in embedding_params
         (decay if is_matrix else no_decay).append(param)
-    groups = [
+    return [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -1,0 +1,58 @@
+"""Engines wrap a plain model with its optimizer, schedule, precision and parallelism.
+
+Every engine offers: `model` (the plain module), `rank`, `world_size`, `format` (the checkpoint
+layout: "torch", "deepspeed" or "dcp"), `forward_backward(batch, loss_scale)`, `optimizer_step()`,
+`eval_loss(batch)`, `lr`, `describe()`, `save_checkpoint(dir)`, `load_checkpoint(dir, saved_world_size)`
+and `full_state_dict()`. Checkpoint methods are collective: every rank calls them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from launch.config import TrainConfig
+from launch.errors import UserError
+from trainer.distributed import DistEnv
+from trainer.engines.single import pick_device
+
+
+def engine_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    """single: run.device (auto: cuda > mps > cpu); multi-process engines: cuda:LOCAL_RANK, else cpu."""
+    if cfg.engine.kind == "single":
+        if env.world_size > 1:
+            raise UserError(f"engine.kind 'single' runs one process, but the launcher started {env.world_size}: "
+                            "set engine.kind to accelerate or deepspeed")
+        return pick_device(cfg.run.device)
+    if cfg.run.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"run.device {cfg.run.device!r} is not supported by engine.kind {cfg.engine.kind!r} (use auto, cpu or cuda)")
+    if cfg.run.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank)
+    if cfg.run.device == "cuda":
+        raise UserError("run.device is 'cuda' but no CUDA device is available")
+    if cfg.engine.kind == "deepspeed" or cfg.engine.kind == "accelerate":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise look for a GPU
+        # DeepSpeed JIT-builds a CPU comm op; one cache per environment, so two checkouts do not
+        # keep rebuilding it over each other
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return torch.device("cpu")
+
+
+def build_engine(cfg: TrainConfig, model: nn.Module, device: torch.device, world_size: int):
+    if cfg.engine.kind == "single":
+        from trainer.engines.single import SingleDeviceEngine
+
+        return SingleDeviceEngine(model, cfg.optim, cfg.engine, cfg.run.max_steps, device)
+    if cfg.engine.kind == "deepspeed":
+        from trainer.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg.optim, cfg.engine, cfg.run.max_steps, device, world_size)
+    if cfg.engine.kind == "accelerate":
+        from trainer.engines.accelerate import build_accelerate_engine
+
+        return build_accelerate_engine(model, cfg.optim, cfg.engine, cfg.run.max_steps, device, world_size)
+    raise AssertionError(f"unknown engine kind {cfg.engine.kind!r}")  # the config schema admits no other

@@ -42,11 +42,13 @@ def pick_device(requested: str) -> torch.device:
 class SingleDeviceEngine:
     world_size = 1
     rank = 0
+    format = "torch"  # model.safetensors + optimizer.pt: whole tensors, loadable at any world size
 
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, engine_cfg: EngineConfig,
                  max_steps: int, device: torch.device):
         self.device = device
         self.model = model.to(device)
+        self.train_model: nn.Module = self.model  # what forward_backward calls; a wrapper in subclasses
         self.optim_cfg = optim_cfg
         self.optimizer = build_optimizer(self.model, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
@@ -60,15 +62,20 @@ class SingleDeviceEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def _grad_sync(self):
+        """Context of one micro-batch's forward + backward (DDP skips the all-reduce inside it)."""
+        return contextlib.nullcontext()
+
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
         """One micro-batch; gradients accumulate. Returns the unscaled loss (detached)."""
-        self.model.train()
-        with self._autocast():
-            loss = self.model(**batch)
-        scaled = loss * loss_scale
-        if self.scaler is not None:
-            scaled = self.scaler.scale(scaled)
-        scaled.backward()
+        self.train_model.train()
+        with self._grad_sync():
+            with self._autocast():
+                loss = self.train_model(**batch)
+            scaled = loss * loss_scale
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            scaled.backward()
         return loss.detach()
 
     def optimizer_step(self) -> torch.Tensor:
@@ -96,28 +103,44 @@ class SingleDeviceEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def describe(self) -> dict:
+        return {"precision": self.precision}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: param.detach().float().cpu().clone() for name, param in self.model.named_parameters()}
+
     # -------------------------------------------------------------- checkpoint
 
     def save_checkpoint(self, directory: Path) -> None:
-        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, directory / MODEL_FILE)
-        torch.save({
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-        }, directory / OPTIMIZER_FILE)
+        save_whole(directory, self.model, self.optimizer, self.scheduler, self.scaler)
 
-    def load_checkpoint(self, directory: Path) -> None:
-        self.model.load_state_dict(load_model_state(directory, self.device))
-        path = directory / OPTIMIZER_FILE
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        except Exception as error:  # a torn or foreign file: name it, do not train on garbage
-            raise UserError(f"checkpoint file {path} is unreadable or corrupt: {error}") from None
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+    def load_checkpoint(self, directory: Path, saved_world_size: int = 1) -> None:
+        """Whole tensors: the same files load at any world size."""
+        load_whole(directory, self.model, self.optimizer, self.scheduler, self.scaler, self.device)
+
+
+def save_whole(directory: Path, model: nn.Module, optimizer, scheduler, scaler) -> None:
+    """The "torch" checkpoint format: model.safetensors + optimizer.pt (whole tensors)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, directory / MODEL_FILE)
+    torch.save({
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }, directory / OPTIMIZER_FILE)
+
+
+def load_whole(directory: Path, model: nn.Module, optimizer, scheduler, scaler, device: torch.device) -> None:
+    model.load_state_dict(load_model_state(directory, device))
+    path = directory / OPTIMIZER_FILE
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as error:  # a torn or foreign file: name it, do not train on garbage
+        raise UserError(f"checkpoint file {path} is unreadable or corrupt: {error}") from None
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
 
 
 def load_model_state(directory: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -1,0 +1,204 @@
+"""DeepSpeed engine: ZeRO stages 0-3, optimizer/parameter offload, bf16/fp16, on CUDA or CPU.
+
+The DeepSpeed config is assembled from the run config (batch sizes, accumulation, clipping,
+AdamW, precision, ZeRO stage and offload) on top of an optional DeepSpeed JSON
+(`engine.deepspeed_config`, e.g. configs/deepspeed/zero3.json) for everything else; the run
+config's values win. The LR schedule is tokfleet's (warmup + cosine), handed to DeepSpeed,
+which steps it once per optimizer step.
+
+Checkpoints are DeepSpeed's own: under `<checkpoint>/deepspeed/`, the module states of rank 0
+and one `zero_pp_rank_<r>_*optim_states.pt` per rank (ZeRO partitions stay partitioned). A
+checkpoint written by W ranks resumes on W' != W ranks through DeepSpeed's universal checkpoint
+format (`reshard.py`), converted once next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launch.config import EngineConfig, OptimConfig
+from launch.errors import UserError
+from trainer.optim import build_scheduler, param_groups
+
+TAG = "deepspeed"  # the folder DeepSpeed writes its shards to inside our checkpoint folder
+log = logging.getLogger("tokfleet.deepspeed")
+
+
+def _base_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"engine.deepspeed_config: no such file: {path}") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"engine.deepspeed_config {path}: not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"engine.deepspeed_config {path}: expected a JSON object")
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise UserError(f"engine.deepspeed_config {path}: remove {key!r}; tokfleet sets the optimizer and LR "
+                            "schedule from the run config's optim section")
+    return config
+
+
+def zero_stage(engine_cfg: EngineConfig) -> int:
+    if engine_cfg.zero_stage is not None:
+        return engine_cfg.zero_stage
+    return int(_base_config(engine_cfg.deepspeed_config).get("zero_optimization", {}).get("stage", 0))
+
+
+def deepspeed_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig, world_size: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run: JSON file (if any) overlaid with the run config."""
+    config = copy.deepcopy(_base_config(engine_cfg.deepspeed_config))
+    config.update({
+        "train_micro_batch_size_per_gpu": optim_cfg.micro_batch_size,
+        "gradient_accumulation_steps": optim_cfg.grad_accum_steps,
+        "train_batch_size": optim_cfg.micro_batch_size * optim_cfg.grad_accum_steps * world_size,
+        "gradient_clipping": optim_cfg.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim_cfg.lr, "betas": [optim_cfg.beta1, optim_cfg.beta2], "eps": optim_cfg.eps,
+            "weight_decay": optim_cfg.weight_decay,
+            # DeepSpeed's fused CPU/GPU Adam needs a compiled op; torch's AdamW runs everywhere
+            "torch_adam": True,
+        }},
+    })
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    zero = config.setdefault("zero_optimization", {})
+    zero["stage"] = zero_stage(engine_cfg)
+    if engine_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if engine_cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if zero.get("offload_param") and zero["stage"] != 3:
+        raise UserError(f"parameter offload needs ZeRO stage 3, this run uses stage {zero['stage']}")
+    if engine_cfg.precision == "fp16" and device.type != "cuda":
+        raise UserError(f"engine.precision fp16 needs a CUDA device under DeepSpeed (this run is on {device.type}); use bf16 or fp32")
+    config.pop("bf16", None), config.pop("fp16", None)
+    if engine_cfg.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif engine_cfg.precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return config
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DeepSpeed logs every init/save/load step at INFO on every rank."""
+    logger = logging.getLogger("DeepSpeed")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class DeepSpeedEngine:
+    format = "deepspeed"
+
+    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, engine_cfg: EngineConfig,
+                 max_steps: int, device: torch.device, world_size: int):
+        self.device = device
+        self.model = model.to(device)
+        self.optim_cfg = optim_cfg
+        self.config = deepspeed_config(engine_cfg, optim_cfg, world_size, device)
+        self.zero_stage = self.config["zero_optimization"]["stage"]
+        with _quiet():
+            self.ds, self.optimizer, self.scheduler = self._initialize(max_steps)
+        self.rank, self.world_size = self.ds.global_rank, self.ds.world_size
+        self.num_micro_batches = optim_cfg.grad_accum_steps
+        self._micro_batch = 0
+
+    def _initialize(self, max_steps: int):
+        """(DeepSpeed engine, its optimizer, its LR scheduler)."""
+        import deepspeed  # heavy; only runs that use it pay for the import
+
+        ds, optimizer, _, scheduler = deepspeed.initialize(
+            model=self.model, model_parameters=param_groups(self.model, self.optim_cfg), config=self.config,
+            lr_scheduler=lambda optimizer: build_scheduler(optimizer, self.optim_cfg, max_steps),
+            dist_init_required=False,
+        )
+        return ds, optimizer, scheduler
+
+    def describe(self) -> dict[str, Any]:
+        return {"zero_stage": self.zero_stage, "precision": "bf16" if "bf16" in self.config else "fp16" if "fp16" in self.config else "fp32",
+                "offload_optimizer": bool(self.config["zero_optimization"].get("offload_optimizer")),
+                "offload_params": bool(self.config["zero_optimization"].get("offload_param"))}
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
+        """One micro-batch. DeepSpeed divides the loss by the accumulation steps itself (`loss_scale`
+        is that same 1/accum) and counts micro-batches in `step()`, which only steps the optimizer
+        at the accumulation boundary."""
+        self.ds.train()
+        loss = self.ds(**batch)
+        self.ds.backward(loss)
+        self._micro_batch += 1
+        if self._micro_batch < self.num_micro_batches:
+            self.ds.step()  # not a boundary: bookkeeping only
+        return loss.detach().float()
+
+    def optimizer_step(self) -> torch.Tensor:
+        assert self._micro_batch == self.num_micro_batches, (
+            f"optimizer_step after {self._micro_batch} micro-batches; expected {self.num_micro_batches}")
+        self._micro_batch = 0
+        self.ds.step()  # clip, step, schedule, zero grads
+        norm = self.ds.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32).detach()
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.ds.eval()
+        return self.ds(**batch).detach().float()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # -------------------------------------------------------------- checkpoint
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Collective: every rank writes its ZeRO partition under directory/deepspeed/."""
+        with _quiet(), contextlib.redirect_stdout(io.StringIO()):
+            self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+
+    def load_checkpoint(self, directory: Path, saved_world_size: int) -> None:
+        """Collective. At another world size, loads the universal (resharded) form of the checkpoint."""
+        tag = TAG
+        elastic = saved_world_size != self.world_size and self.zero_stage > 0
+        if elastic:
+            from trainer.engines.reshard import universal_checkpoint
+
+            tag = universal_checkpoint(directory, TAG)
+        # DeepSpeed reads "universal or not" from its config at load time; this run decides per checkpoint
+        self.ds._config.load_universal_checkpoint = elastic
+        try:
+            with _quiet(), contextlib.redirect_stdout(io.StringIO()):
+                path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+        except (AssertionError, RuntimeError, FileNotFoundError, KeyError, ValueError, EOFError) as error:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(f"checkpoint {directory}: DeepSpeed could not load it: {first_line}") from None
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+        if path is None:
+            raise UserError(f"checkpoint {directory}: no DeepSpeed shards under {directory / tag}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the whole model's parameters (ZeRO-3 gathers them), on every rank, in fp32 on the CPU."""
+        import deepspeed
+
+        params = dict(self.model.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=self.zero_stage == 3):
+            return {name: param.detach().float().cpu().clone() for name, param in params.items()}
