@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokfleet-installed
-EXTRAS ?= dev,s3
+EXTRAS ?= dev,s3,distributed
 # Ray, SLURM and S3 servers must stay on loopback on these machines: run confined when root.
 CONFINED := $(PY) -m launch.netns --
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	# the CPU build of torch first (on this machine's disk); a bare `torch` would pull CUDA
 	$(PY) -m pip install -q torch==2.13.0 -c constraints.txt

@@ -26,9 +26,29 @@ def tokfleet(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 
 def test_shipped_configs_validate():
-    for path in sorted((REPO / "configs").rglob("*.yaml")):
+    """Every tokfleet run config; configs/accelerate/ holds Accelerate's own launcher configs."""
+    paths = [p for p in sorted((REPO / "configs").rglob("*.yaml")) if p.parent.name != "accelerate"]
+    assert paths
+    for path in paths:
         cls = PrepareConfig if "prepare" in path.name else TrainConfig
         load_config(path, cls)
+
+
+def test_shipped_deepspeed_and_accelerate_configs_parse():
+    import json
+
+    import torch
+
+    from launch.config import EngineConfig, OptimConfig
+    from trainer.engines.deepspeed import deepspeed_config
+
+    for path in sorted((REPO / "configs" / "deepspeed").glob("*.json")):
+        built = deepspeed_config(EngineConfig(kind="deepspeed", deepspeed_config=str(path)), OptimConfig(micro_batch_size=4, grad_accum_steps=2),
+                                 world_size=2, device=torch.device("cpu"))
+        assert built["train_batch_size"] == 16 and built["zero_optimization"]["stage"] == json.loads(path.read_text())["zero_optimization"]["stage"]
+    accelerate = {p.name: yaml.safe_load(p.read_text()) for p in (REPO / "configs" / "accelerate").glob("*.yaml")}
+    assert {"single_node.yaml", "multi_node.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"} <= set(accelerate)
+    assert accelerate["fsdp.yaml"]["fsdp_config"]["fsdp_version"] == 2
 
 
 def test_overrides_are_typed(tmp_path):

@@ -57,22 +57,27 @@ def write_config(tmp_path: Path, dataset: str, name: str, engine: dict, *, micro
     return path
 
 
-def launcher_command(launcher: str, nproc: int) -> list[str]:
-    port = str(free_port())
-    if nproc == 1 and launcher == "python":
-        return [sys.executable, "-m", "trainer"]
+def launcher_command(launcher: str, nproc: int, script: str | None = None, port: int | None = None) -> list[str]:
+    """The launcher's command line up to the program: `-m trainer`, or `script` when given."""
+    port = str(port or free_port())
+    if launcher == "python":
+        assert nproc == 1
+        return [sys.executable, *([script] if script else ["-m", "trainer"])]
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "-m", "trainer"]
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+                *([script] if script else ["-m", "trainer"])]
     if launcher == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, "--module", "trainer"]
+        return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port,
+                *([script] if script else ["--module", "trainer"])]
+    program = [script] if script else ["-m", "trainer"]
     if launcher == "accelerate":
         multi = ["--multi_gpu"] if nproc > 1 else []
         return [str(BIN / "accelerate"), "launch", *multi, "--num_processes", str(nproc), "--num_machines", "1",
-                "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer"]
+                "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", *program]
     if launcher.startswith("accelerate:"):  # one of the shipped accelerate configs
         config_file = ACCELERATE_CONFIGS / launcher.split(":", 1)[1]
         return [str(BIN / "accelerate"), "launch", "--config_file", str(config_file), "--num_processes", str(nproc),
-                "--main_process_port", port, "-m", "trainer"]
+                "--main_process_port", port, *program]
     raise ValueError(launcher)
 
 
@@ -206,3 +211,147 @@ def test_elastic_resume(runs, before, after):
     assert len(keys_by_rank(runs.root / name)) == max(before, after)
     state = json.loads((runs.root / name / "checkpoints" / "step-00000012" / "trainer_state.json").read_text())
     assert state["world_size"] == after
+
+
+ENGINE_HELD = """
+import sys, torch
+from launch.config import TrainConfig, load_config
+from trainer import distributed
+from trainer.loop import Trainer
+
+trainer = Trainer(load_config(sys.argv[1], TrainConfig), resume="auto")  # at max_steps: loads, trains nothing
+held = trainer.engine.full_state_dict()  # collective (ZeRO-3 / FSDP gather)
+if trainer.is_main:
+    torch.save({"step": trainer.step, "params": held}, sys.argv[2])
+distributed.shutdown()
+"""
+
+
+def tokfleet(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "tokfleet"), *args], capture_output=True, text=True, env=env(), timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("runs", ["zero3", "fsdp"], indirect=True)
+def test_export_equals_the_parameters_the_engine_held(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.inference import load_model
+
+    script = tmp_path / "held.py"
+    script.write_text(ENGINE_HELD)
+    command = [*launcher_command(runs.launcher, 2, script=str(script)), str(runs.root / "two.yaml"), str(tmp_path / "held.pt")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    held = torch.load(tmp_path / "held.pt", weights_only=True)
+    assert held["step"] == EPOCH_STEPS
+
+    checkpoint = runs.root / "two" / "checkpoints" / f"step-{EPOCH_STEPS:08d}"
+    result = tokfleet("export", str(checkpoint), "--out", str(tmp_path / "export"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert exported.keys() == held["params"].keys()
+    for name, tensor in held["params"].items():
+        assert torch.equal(exported[name], tensor), name
+    # the export is a single-device checkpoint: it loads and runs on one process
+    model, state, _ = load_model(tmp_path / "export")
+    assert state["exported_from"]["world_size"] == 2
+    assert model(torch.zeros(1, 8, dtype=torch.long)).shape[-1] == 128
+    # exporting over existing files is refused, and leaves them alone
+    again = tokfleet("export", str(checkpoint), "--out", str(tmp_path / "export"))
+    assert again.returncode == 2 and "not empty" in again.stderr
+    assert load_file(tmp_path / "export" / "model.safetensors").keys() == exported.keys()
+
+
+@pytest.mark.parametrize("runs", ["zero3"], indirect=True)
+def test_inspect_sharded_checkpoint(runs):
+    result = tokfleet("inspect", str(runs.root / "two" / "checkpoints" / "step-00000006"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "step 6," in out and "world size 2" in out and "ZeRO stage 3" in out and "deepspeed" in out
+    assert "data position: epoch 0" in out and "48 of 96 samples of the epoch read" in out
+    assert " MB in " in out
+
+
+@pytest.mark.parametrize("runs", ["ddp"], indirect=True)
+def test_two_node_accelerate_launch(runs):
+    """Two `accelerate launch` processes as two machines of one process each, over 127.0.0.1."""
+    config = runs.config("two_nodes", 2)
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [str(BIN / "accelerate"), "launch", "--config_file", str(ACCELERATE_CONFIGS / "multi_node.yaml"),
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port), "-m", "trainer", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env()) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert losses(runs.root / "two_nodes") == losses(runs.root / "two")  # the same 2-rank DDP job
+    assert keys_by_rank(runs.root / "two_nodes") == keys_by_rank(runs.root / "two")
+
+
+def rank_pid(config: Path, rank: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        try:
+            if str(config) in (proc / "cmdline").read_text() and f"\0RANK={rank}\0" in "\0" + (proc / "environ").read_text():
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def test_killed_rank_fails_fast_and_resume_continues(tmp_path, token_dataset):
+    steps = 400
+    config = write_config(tmp_path, token_dataset, "killed", {"kind": "accelerate", "strategy": "ddp", "timeout_s": 30},
+                          micro=4, steps=steps, checkpoint={"every_steps": 5, "keep_last": 2}, data={"log_sample_keys": False})
+    run_dir = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w")
+    job = subprocess.Popen([*launcher_command("torchrun", 2), str(config)], stdout=log, stderr=subprocess.STDOUT, env=env())
+    deadline = time.monotonic() + TIMEOUT
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.1)
+    victim = rank_pid(config, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    code = job.wait(timeout=120)
+    failed_after = time.monotonic() - killed_at
+    assert code != 0 and failed_after < 60, f"exit {code} after {failed_after:.0f}s"
+    last = int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert 0 < last < steps
+
+    run("torchrun", 2, config, "--resume", "auto")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1))  # nothing lost, nothing twice
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{steps:08d}"
+
+
+@pytest.mark.parametrize("engine, setting, message", [
+    ({"kind": "deepspeed", "precision": "fp16"}, {}, "fp16 needs a CUDA device"),
+    ({"kind": "deepspeed", "deepspeed_config": "/nonexistent/zero9.json"}, {}, "no such file: /nonexistent/zero9.json"),
+    ({"kind": "accelerate", "strategy": "ddp", "precision": "fp16"}, {}, "fp16 under accelerate needs a CUDA device"),
+])
+def test_bad_engine_settings_exit_2(tmp_path, token_dataset, engine, setting, message):
+    config = write_config(tmp_path, token_dataset, "bad", engine, micro=4)
+    result = run("python", 1, config, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("runs", ["zero2"], indirect=True)
+def test_checkpoint_mismatches_exit_2(runs, tmp_path):
+    # a DeepSpeed checkpoint resumed by the DDP engine
+    runs.from_checkpoint("two", 3, "other_engine")
+    config = write_config(runs.root, runs.dataset, "other_engine", ENGINES["ddp"][1], micro=4, steps=EPOCH_STEPS)
+    result = run("accelerate", 2, config, "--resume", "auto", check=False)
+    assert result.returncode != 0 and "holds 'deepspeed' shards" in result.stderr
+    # a damaged ZeRO shard
+    damaged = runs.from_checkpoint("two", 3, "damaged")
+    shard = next((damaged / "checkpoints" / "step-00000003" / "deepspeed").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    config = runs.config("damaged", 1)
+    result = run("python", 1, config, "--resume", "auto", check=False)
+    assert result.returncode == 2 and "step-00000003" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    # the single-device engine under a 2-process launcher
+    config = write_config(tmp_path, runs.dataset, "single2", {"kind": "single"}, micro=4)
+    result = run("torchrun", 2, config, check=False)
+    assert result.returncode != 0 and "engine.kind 'single' runs one process" in result.stderr
