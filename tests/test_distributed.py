@@ -355,3 +355,37 @@ def test_checkpoint_mismatches_exit_2(runs, tmp_path):
     config = write_config(tmp_path, runs.dataset, "single2", {"kind": "single"}, micro=4)
     result = run("torchrun", 2, config, check=False)
     assert result.returncode != 0 and "engine.kind 'single' runs one process" in result.stderr
+
+
+@pytest.mark.parametrize("runs", ["zero3"], indirect=True)
+def test_zero3_offload_and_gradient_checkpointing_train_the_same(runs):
+    """Optimizer + parameter offload and per-block activation recomputation change where and when
+    things are computed, not the result."""
+    config = runs.config("offload", 2, engine={"offload_optimizer": True, "offload_params": True},
+                         model={"args": {"use_gradient_checkpointing": True}}, checkpoint={"every_steps": 0})
+    runs.run(2, config)
+    got, reference = losses(runs.root / "offload"), losses(runs.root / "two")
+    assert sorted(got) == sorted(reference)
+    for step in reference:
+        assert got[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
+    state = json.loads((runs.root / "offload" / "checkpoints" / f"step-{EPOCH_STEPS:08d}" / "trainer_state.json").read_text())
+    assert state["engine_info"]["offload_optimizer"] and state["engine_info"]["offload_params"]
+
+
+def test_uneven_shares_then_elastic_resume_across_epochs(tmp_path):
+    """5 shards over 2 ranks: rank 0 reads 72 samples an epoch, rank 1 48. Rank 1 starts epoch 1
+    while rank 0 finishes epoch 0 (no hang, nothing dropped); a checkpoint taken then resumes on
+    1 rank, and both epochs hold every sample exactly once."""
+    from conftest import write_token_dataset
+
+    dataset = write_token_dataset(tmp_path / "uneven", num_shards=5, samples_per_shard=24)
+    ddp = ENGINES["ddp"][1]
+    config = write_config(tmp_path, dataset, "uneven", ddp, micro=4, steps=30, checkpoint={"every_steps": 0})
+    run("accelerate", 2, config, "--stop-at-step", "15")
+    ranks = keys_by_rank(tmp_path / "uneven")
+    assert {e for _, e, _ in ranks[1]} == {0, 1} and {e for _, e, _ in ranks[0]} == {0}  # rank 1 moved on
+    config = write_config(tmp_path, dataset, "uneven", ddp, micro=8, steps=30, checkpoint={"every_steps": 0})
+    run("python", 1, config, "--resume", "auto")
+    for epoch in (0, 1):
+        assert epoch_keys(tmp_path / "uneven", epoch) == all_keys(dataset), f"epoch {epoch}"
+    assert [r["step"] for r in read_metrics(tmp_path / "uneven" / "metrics.jsonl")] == list(range(1, 31))

@@ -66,6 +66,7 @@ CHECKPOINT_ROUNDS = 3
 THROUGHPUT_MODEL = {"n_layer": 4, "n_head": 4, "n_kv_head": 4, "n_embd": 256}
 THROUGHPUT_MICRO_BATCH = 8
 THROUGHPUT_STEPS = 16
+THROUGHPUT_ROUNDS = 2
 WARMUP_STEPS = 4  # records before these are dropped: first-step allocations, gloo's first buffers
 # glibc: allocations above 128 KiB always go to mmap and back to the kernel on free (a fixed
 # threshold also stops glibc from raising it, which would park freed tensors in the heap)
@@ -282,10 +283,16 @@ def dataset(tmp_path_factory) -> str:
 def summary():
     """Each test's table and numbers; all printed together, and written as JSON, when the module ends."""
     found: dict[str, dict] = {}
+    load_before = os.getloadavg()
     yield found
+    # other work on the machine skews every number here: say how busy it was
+    machine = {"num_cpus": os.cpu_count(), "load_average_1min_before": load_before[0], "load_average_1min_after": os.getloadavg()[0]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distributed.json").write_text(json.dumps({name: part["data"] for name, part in found.items()}, indent=1))
+    results = {**{name: part["data"] for name, part in found.items()}, "machine": machine}
+    (RESULTS / "distributed.json").write_text(json.dumps(results, indent=1))
     print("\n\n" + "\n\n".join(part["table"] for part in found.values()))
+    print(f"\nmachine: {machine['num_cpus']} CPUs, 1-min load average {machine['load_average_1min_before']:.1f} before, "
+          f"{machine['load_average_1min_after']:.1f} after")
     print(f"\n(written to {RESULTS / 'distributed.json'})")
 
 
@@ -373,8 +380,8 @@ def test_checkpoint_time_vs_torch_save(engine_runs, summary):
 def test_two_ranks_vs_one_throughput(tmp_path, dataset, summary):
     from trainer.metrics import read_metrics
 
-    def tokens_per_s(num_ranks: int, num_threads: int) -> tuple[float, float]:
-        name = f"ddp-{num_ranks}rank-{num_threads}thread"
+    def tokens_per_s(num_ranks: int, num_threads: int, round_index: int) -> tuple[float, float]:
+        name = f"ddp-{num_ranks}rank-{num_threads}thread-{round_index}"
         config = write_config(tmp_path, dataset, name, ENGINES["ddp"], THROUGHPUT_MODEL, micro=THROUGHPUT_MICRO_BATCH,
                               steps=THROUGHPUT_STEPS)
         wall_s = run_checked(torchrun(num_ranks, "-m", "trainer", str(config)), rank_env(OMP_NUM_THREADS=str(num_threads)))
@@ -382,19 +389,29 @@ def test_two_ranks_vs_one_throughput(tmp_path, dataset, summary):
         assert [r["world_size"] for r in records] == [num_ranks] * THROUGHPUT_STEPS
         return statistics.median(r["tokens_per_s"] for r in records[WARMUP_STEPS:]), wall_s
 
-    # (ranks, threads per rank): the same micro-batch per rank; 1 rank once on one core, once on both
-    runs = {(1, 1): tokens_per_s(1, 1), (2, 1): tokens_per_s(2, 1), (1, 2): tokens_per_s(1, 2)}
-    two = runs[2, 1][0]
+    # (ranks, threads per rank), the same micro-batch per rank: 1 rank on one core, 2 ranks, 1 rank on both cores.
+    # Rounds run every setup back to back, so a load change on the machine hits a round's runs alike.
+    setups = [(1, 1), (2, 1), (1, 2)]
+    measured = {setup: [] for setup in setups}
+    for round_index in range(THROUGHPUT_ROUNDS):
+        for setup in setups:
+            measured[setup].append(tokens_per_s(*setup, round_index))
+    two = [tps for tps, _ in measured[2, 1]]
+    rows, runs = [], []
+    for (ranks, threads), results in measured.items():
+        ratio = statistics.median(t / tps for t, (tps, _) in zip(two, results))
+        median_tps = statistics.median(tps for tps, _ in results)
+        rows.append([ranks, threads, median_tps, ratio, " ".join(f"{tps:.0f}" for tps, _ in results)])
+        runs.append({"ranks": ranks, "threads_per_rank": threads, "tokens_per_s": median_tps, "two_ranks_vs_this": ratio,
+                     "rounds": [{"tokens_per_s": tps, "wall_s": wall_s} for tps, wall_s in results]})
     data = {"model": THROUGHPUT_MODEL, "vocab_size": VOCAB_SIZE, "seq_len": SEQ_LEN, "micro_batch_per_rank": THROUGHPUT_MICRO_BATCH,
-            "steps": THROUGHPUT_STEPS, "warmup_steps_dropped": WARMUP_STEPS, "num_cpus": os.cpu_count(),
-            "runs": [{"ranks": ranks, "threads_per_rank": threads, "tokens_per_s": tps, "wall_s": wall_s,
-                      "two_ranks_vs_this": two / tps} for (ranks, threads), (tps, wall_s) in runs.items()]}
-    rows = [[ranks, threads, tps, two / tps, wall_s] for (ranks, threads), (tps, wall_s) in runs.items()]
-    table = format_table(["ranks", "threads/rank", "tokens/s", "2 ranks / this", "run wall s"], rows)
+            "steps": THROUGHPUT_STEPS, "warmup_steps_dropped": WARMUP_STEPS, "num_cpus": os.cpu_count(), "runs": runs}
+    table = format_table(["ranks", "threads/rank", "tokens/s", "2 ranks / this", "tokens/s by round"], rows)
     title = (f"Throughput, DDP, GPT {THROUGHPUT_MODEL} vocab {VOCAB_SIZE} seq {SEQ_LEN}, micro-batch {THROUGHPUT_MICRO_BATCH} per "
-             f"rank, {os.cpu_count()} CPUs; global tokens/s from metrics.jsonl, median of steps {WARMUP_STEPS + 1}-{THROUGHPUT_STEPS}")
+             f"rank, {os.cpu_count()} CPUs; global tokens/s from metrics.jsonl, median of steps {WARMUP_STEPS + 1}-{THROUGHPUT_STEPS}, "
+             f"median of {THROUGHPUT_ROUNDS} rounds")
     summary["throughput"] = {"table": title + "\n" + table, "data": data}
-    assert all(tps > 0 for tps, _ in runs.values())
+    assert all(tps > 0 for results in measured.values() for tps, _ in results)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--rank-driver"]:

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,30 +120,22 @@ class AccelerateDeepSpeedEngine(DeepSpeedEngine):
         return {"strategy": "deepspeed", **super().describe()}
 
 
-class AccelerateDDPEngine:
-    format = "torch"
+class AccelerateEngine:
+    """The loop shared by Accelerate's DDP and FSDP: subclasses build `accelerator`, `model` (plain
+    module), `train_model` (the wrapped one), `optimizer` (prepared) and `scheduler` (ours, stepped
+    once per optimizer step: a prepared one would step once per process)."""
 
-    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, engine_cfg: EngineConfig,
-                 max_steps: int, device: torch.device):
-        from accelerate import Accelerator
+    accelerator: Any
+    model: nn.Module
+    train_model: nn.Module
+    optim_cfg: OptimConfig
 
-        self.device = device
-        self.model = model.to(device)
-        self.optim_cfg = optim_cfg
-        self.precision = engine_cfg.precision
-        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[engine_cfg.precision],
-                                       step_scheduler_with_optimizer=False)
+    def _setup(self, optim_cfg: OptimConfig, engine_cfg: EngineConfig, device: torch.device) -> None:
+        self.device, self.optim_cfg, self.precision = device, optim_cfg, engine_cfg.precision
         check_world(self.accelerator)
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
-        optimizer = build_optimizer(self.model, optim_cfg)
-        self.train_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
-        # our own schedule, stepped once per optimizer step (a prepared one steps once per process)
-        self.scheduler = build_scheduler(self.optimizer.optimizer, optim_cfg, max_steps)
         self.num_micro_batches = optim_cfg.grad_accum_steps
         self._micro_batch = 0
-
-    def describe(self) -> dict:
-        return {"strategy": "ddp", "precision": self.precision}
 
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
         self.train_model.train()
@@ -163,17 +156,37 @@ class AccelerateDDPEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         return torch.as_tensor(grad_norm).detach().float()
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.model.eval()
+        self.train_model.eval()  # FSDP: collective, every rank runs the same forwards
         with self.accelerator.autocast():
-            return self.model(**batch).detach().float()
+            return self.train_model(**batch).detach().float()
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+
+class AccelerateDDPEngine(AccelerateEngine):
+    format = "torch"
+
+    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, engine_cfg: EngineConfig,
+                 max_steps: int, device: torch.device):
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[engine_cfg.precision],
+                                       step_scheduler_with_optimizer=False)
+        self._setup(optim_cfg, engine_cfg, device)
+        self.model = model.to(device)
+        self.train_model, self.optimizer = self.accelerator.prepare(self.model, build_optimizer(self.model, optim_cfg))
+        self.scheduler = build_scheduler(self.optimizer.optimizer, optim_cfg, max_steps)
+
+    def describe(self) -> dict:
+        return {"strategy": "ddp", "precision": self.precision}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: param.detach().float().cpu().clone() for name, param in self.model.named_parameters()}

@@ -8,7 +8,6 @@ state is small and identical on every rank: rank 0 writes it next to them.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from launch.config import EngineConfig, OptimConfig
 from launch.errors import UserError
-from trainer.engines.accelerate import MIXED_PRECISION, check_world, process_group_kwargs
+from trainer.engines.accelerate import MIXED_PRECISION, AccelerateEngine, process_group_kwargs
 from trainer.optim import build_optimizer, build_scheduler
 
 DCP_DIR = "dcp"
@@ -37,7 +36,7 @@ def _block_classes(model: nn.Module) -> list[str]:
     return repeated[:1]
 
 
-class AccelerateFSDPEngine:
+class AccelerateFSDPEngine(AccelerateEngine):
     format = "dcp"
 
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, engine_cfg: EngineConfig,
@@ -47,9 +46,6 @@ class AccelerateFSDPEngine:
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
         from torch.distributed.tensor import DTensor
 
-        self.device = device
-        self.optim_cfg = optim_cfg
-        self.precision = engine_cfg.precision
         plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=_block_classes(model), state_dict_type="SHARDED_STATE_DICT",
@@ -62,48 +58,16 @@ class AccelerateFSDPEngine:
             self.accelerator.state.fsdp_plugin = plugin
             self.accelerator.state.distributed_type = DistributedType.FSDP
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        check_world(self.accelerator)
-        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self._setup(optim_cfg, engine_cfg, device)
         optimizer = build_optimizer(model.to(device), optim_cfg)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)  # FSDP2: both in one call
+        self.train_model = self.model  # FSDP2 shards the module in place
         if not all(isinstance(p, DTensor) for p in self.model.parameters()):
             raise RuntimeError("accelerate did not shard the model with FSDP: refusing to train unsharded")
         self.scheduler = build_scheduler(self.optimizer.optimizer, optim_cfg, max_steps)
-        self.num_micro_batches = optim_cfg.grad_accum_steps
-        self._micro_batch = 0
 
     def describe(self) -> dict:
         return {"strategy": "fsdp", "fsdp_version": 2, "precision": self.precision}
-
-    def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
-        self.model.train()
-        self._micro_batch += 1
-        is_last = self._micro_batch == self.num_micro_batches
-        with contextlib.nullcontext() if is_last else self.accelerator.no_sync(self.model):
-            with self.accelerator.autocast():
-                loss = self.model(**batch)
-            self.accelerator.backward(loss * loss_scale)
-        return loss.detach().float()
-
-    def optimizer_step(self) -> torch.Tensor:
-        assert self._micro_batch == self.num_micro_batches
-        self._micro_batch = 0
-        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return torch.as_tensor(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).detach().float()
-
-    @torch.no_grad()
-    def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.model.eval()  # collective: every rank runs the same forwards
-        with self.accelerator.autocast():
-            return self.model(**batch).detach().float()
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: whole fp32 tensors on every rank."""
