@@ -139,8 +139,9 @@ class Runs:
         self.root, self.dataset, self.engine = root, dataset, engine
         self.launcher, self.engine_cfg = ENGINES[engine]
 
-    def config(self, name: str, ranks: int, **sections) -> Path:
-        return write_config(self.root, self.dataset, name, self.engine_cfg, micro=8 // ranks, steps=EPOCH_STEPS, **sections)
+    def config(self, name: str, ranks: int, engine: dict | None = None, **sections) -> Path:
+        engine_cfg = {**self.engine_cfg, **(engine or {})}
+        return write_config(self.root, self.dataset, name, engine_cfg, micro=8 // ranks, steps=EPOCH_STEPS, **sections)
 
     def run(self, ranks: int, config: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
         return run(self.launcher, ranks, config, *args, **kwargs)

@@ -110,11 +110,15 @@ class Batches:
 
     def next_batch(self, step: int | None = None) -> torch.Tensor:
         """(B, T+1) int64 tokens."""
-        samples = [self._next_sample() for _ in range(self.batch_size)]
+        samples, epochs = [], []
+        for _ in range(self.batch_size):
+            samples.append(self._next_sample())
+            epochs.append(self.epoch)  # a batch may straddle the end of an epoch
         if self.key_log is not None:
             with open(self.key_log, "a") as handle:
-                handle.write(json.dumps({"step": step, "epoch": self.epoch,
-                                         "keys": [s["__key__"] for s in samples]}) + "\n")
+                for epoch in sorted(set(epochs)):
+                    keys = [s["__key__"] for s, e in zip(samples, epochs) if e == epoch]
+                    handle.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
         return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
 
     def take(self, num_batches: int) -> list[torch.Tensor]:
