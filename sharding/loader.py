@@ -106,6 +106,31 @@ def advance_state(state: dict[str, Any] | None, epoch: int) -> dict[str, Any] | 
     return _state(epoch, state["seed"], state["num_streams"], positions, {s: max(e, epoch) for s, e in epochs.items()})
 
 
+def _split_by_epoch(state: dict[str, Any], streams: list[int]) -> tuple[dict[int, list[int]], dict[int, tuple[int, list[int]]]]:
+    """`streams`' positions in `state`: (those in its epoch, {stream: (later epoch, position)} for the rest)."""
+    positions, epochs, epoch = _own_positions(state, streams), stream_epochs(state), int(state["epoch"])
+    now = {stream: position for stream, position in positions.items() if epochs[stream] == epoch}
+    later = {stream: (epochs[stream], position) for stream, position in positions.items() if epochs[stream] > epoch}
+    return now, later
+
+
+def _reached(later: dict[int, tuple[int, list[int]]], epoch: int) -> dict[int, list[int]]:
+    """Take the streams of `later` whose epoch is `epoch` out of it (and forget any earlier ones)."""
+    reached = {stream: position for stream, (e, position) in later.items() if e == epoch}
+    for stream in [stream for stream, (e, _) in later.items() if e <= epoch]:
+        del later[stream]
+    return reached
+
+
+def _state_with_later(epoch: int, seed: int, num_streams: int, positions: dict[int, list[int]],
+                      later: dict[int, tuple[int, list[int]]]) -> dict[str, Any]:
+    positions = {stream: list(position) for stream, position in positions.items()}
+    epochs = {stream: epoch for stream in positions}
+    for stream, (later_epoch, position) in later.items():
+        positions[stream], epochs[stream] = list(position), later_epoch
+    return _state(epoch, seed, num_streams, positions, epochs)
+
+
 def merge_states(states: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """One state covering the streams of all `states` (e.g. every rank's): loadable at any world size.
 
@@ -121,8 +146,9 @@ def merge_states(states: Iterable[dict[str, Any]]) -> dict[str, Any]:
         for key in ("seed", "num_streams"):
             if state.get(key) != first.get(key):
                 raise ValueError(f"cannot merge loader states with different {key}: {first.get(key)} and {state.get(key)}")
+        state_epochs = stream_epochs(state)
         for stream, position in _positions(state).items():
-            epoch = stream_epochs(state)[stream]
+            epoch = state_epochs[stream]
             if stream in positions and (positions[stream], epochs[stream]) != (position, epoch):
                 raise ValueError(f"stream {stream} has two different positions: {positions[stream]} (epoch {epochs[stream]}) "
                                  f"and {position} (epoch {epoch})")
@@ -162,7 +188,7 @@ class ShardLoader:
         self.storage_options = storage_options
         self.streams = streams_of_reader(num_streams, rank * num_workers + worker_id, world_size * num_workers)
         self._loaded: dict[int, tuple[list, np.ndarray]] = {}  # shard id -> (samples in file order, visiting order)
-        self._carried: dict[str, Any] | None = None  # a loaded state with streams in later epochs, until reached
+        self._later: dict[int, tuple[int, list[int]]] = {}  # loaded streams already in a later epoch: (epoch, position)
         self._start_epoch(0)
 
     # ----------------------------------------------------------- order
@@ -175,17 +201,10 @@ class ShardLoader:
         self._stream_shards = {stream: order[stream :: self.num_streams].tolist() for stream in self.streams}
         self._positions = {stream: [0, 0] for stream in self.streams}
         self._loaded.clear()
-        self._carried = advance_state(self._carried, epoch)
-        if self._carried is None:
-            return
-        positions, epochs = _own_positions(self._carried, self.streams), stream_epochs(self._carried)
-        for stream, position in positions.items():
-            if epochs[stream] > epoch:  # this stream's reader had finished it and moved on
-                self._positions[stream] = [len(self._stream_shards[stream]), 0]
-            else:
-                self._positions[stream] = self._checked(stream, position)
-        if all(epochs[stream] <= epoch for stream in self.streams):
-            self._carried = None
+        for stream, position in _reached(self._later, epoch).items():
+            self._positions[stream] = self._checked(stream, position)
+        for stream in self._later:  # its reader had read it to the end of this epoch and moved on
+            self._positions[stream] = [len(self._stream_shards[stream]), 0]
 
     def _checked(self, stream: int, position: list[int]) -> list[int]:
         shard_ids = self._stream_shards[stream]
@@ -271,25 +290,19 @@ class ShardLoader:
 
     def rewind(self) -> None:
         """Back to the start of the current epoch (e.g. to validate on the same samples every time)."""
-        self._carried = None
+        self._later = {}
         self._start_epoch(self.epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        positions = {stream: list(position) for stream, position in self._positions.items()}
-        epochs = {stream: self.epoch for stream in self.streams}
-        if self._carried is not None:  # streams still waiting in a later epoch keep their positions there
-            carried, carried_epochs = _own_positions(self._carried, self.streams), stream_epochs(self._carried)
-            for stream in self.streams:
-                if carried_epochs[stream] > self.epoch:
-                    positions[stream], epochs[stream] = carried[stream], carried_epochs[stream]
-        return _state(self.epoch, self.seed, self.num_streams, positions, epochs)
+        return _state_with_later(self.epoch, self.seed, self.num_streams, self._positions, self._later)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state`: this reader's own state, or a merge_states() of several readers'."""
         _checked_header(state, self.num_streams, self.seed)
-        _own_positions(state, self.streams)  # every stream of this reader must be there
-        self._carried = state
+        now, self._later = _split_by_epoch(state, self.streams)
         self._start_epoch(int(state["epoch"]))
+        for stream, position in now.items():
+            self._positions[stream] = self._checked(stream, position)
 
 
 class LoaderState:
@@ -305,22 +318,14 @@ class LoaderState:
         self.streams = sorted(
             stream for worker in range(num_workers) for stream in streams_of_reader(num_streams, rank * num_workers + worker, num_readers)
         )
-        self._carried: dict[str, Any] | None = None
+        self.later: dict[int, tuple[int, list[int]]] = {}  # loaded streams already in a later epoch: (epoch, position)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch`; streams of a loaded state that are already in it keep their positions."""
         self.epoch = epoch
         self.positions = {stream: [0, 0] for stream in self.streams}
-        self.later: dict[int, tuple[int, list[int]]] = {}  # stream -> (its later epoch, position there)
-        self._carried = advance_state(self._carried, epoch)
-        if self._carried is not None:
-            epochs = stream_epochs(self._carried)
-            for stream, position in _own_positions(self._carried, self.streams).items():
-                if epochs[stream] > epoch:
-                    self.later[stream] = (epochs[stream], position)
-                else:
-                    self.positions[stream] = position
+        self.positions.update(_reached(self.later, epoch))
 
     def update(self, stream: int, position: Iterable[int]) -> None:
         self.positions[int(stream)] = [int(p) for p in position]
@@ -333,17 +338,13 @@ class LoaderState:
             self.update(stream, position)
 
     def state_dict(self) -> dict[str, Any]:
-        positions = {stream: list(position) for stream, position in self.positions.items()}
-        epochs = {stream: self.epoch for stream in self.streams}
-        for stream, (epoch, position) in self.later.items():
-            positions[stream], epochs[stream] = list(position), epoch
-        return _state(self.epoch, self.seed, self.num_streams, positions, epochs)
+        return _state_with_later(self.epoch, self.seed, self.num_streams, self.positions, self.later)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checked_header(state, self.num_streams, self.seed)
-        _own_positions(state, self.streams)
-        self._carried = state
+        now, self.later = _split_by_epoch(state, self.streams)
         self.set_epoch(int(state["epoch"]))
+        self.positions.update(now)
 
 
 class ShardIterableDataset(torch.utils.data.IterableDataset):

@@ -189,11 +189,8 @@ class DeepSpeedEngine:
             tag = universal_checkpoint(directory, TAG)
         # DeepSpeed reads "universal or not" from its config at load time; this run decides per checkpoint
         self.ds._config.load_universal_checkpoint = elastic
-        # DeepSpeed 0.19's ZeRO-3 universal load also copies group 0's hyperparameters onto every group
-        # (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3), which would put weight
-        # decay on norms and embeddings; the run config is authoritative for them, so keep ours.
-        groups = self.optimizer.param_groups
-        hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+        hyperparameters = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                           for g in self.optimizer.param_groups]
         try:
             with _quiet(), contextlib.redirect_stdout(io.StringIO()):
                 path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
@@ -205,15 +202,19 @@ class DeepSpeedEngine:
             self.ds._config.load_universal_checkpoint = False
         if path is None:
             raise UserError(f"checkpoint {directory}: no DeepSpeed shards under {directory / tag}")
-        for group, values in zip(self.optimizer.param_groups, hyper):
-            group.update(values)
         if elastic:
-            self._unshare_step_counters()
+            self._repair_universal_load(hyperparameters)
 
-    def _unshare_step_counters(self) -> None:
-        """DeepSpeed 0.19's ZeRO-3 universal load puts one `step` tensor object into every sub-group's
-        Adam state; torch's AdamW increments it in place once per sub-group, so the bias correction
-        would run ahead by the number of sub-groups each step. Give every state its own counter."""
+    def _repair_universal_load(self, hyperparameters: list[dict[str, Any]]) -> None:
+        """Undo two things DeepSpeed 0.19's ZeRO-3 universal load gets wrong
+        (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3):
+        - it copies group 0's hyperparameters onto every group (weight decay on embeddings):
+          the run config's, taken before the load, are put back;
+        - it puts one `step` tensor object into every sub-group's Adam state, which torch's AdamW
+          increments in place once per sub-group, so bias correction would run ahead: every
+          state gets its own counter."""
+        for group, values in zip(self.optimizer.param_groups, hyperparameters):
+            group.update(values)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         for state in inner.state.values():
             if torch.is_tensor(state.get("step")):

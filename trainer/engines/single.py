@@ -48,7 +48,6 @@ class SingleDeviceEngine:
                  max_steps: int, device: torch.device):
         self.device = device
         self.model = model.to(device)
-        self.train_model: nn.Module = self.model  # what forward_backward calls; a wrapper in subclasses
         self.optim_cfg = optim_cfg
         self.optimizer = build_optimizer(self.model, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
@@ -62,20 +61,15 @@ class SingleDeviceEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _grad_sync(self):
-        """Context of one micro-batch's forward + backward (DDP skips the all-reduce inside it)."""
-        return contextlib.nullcontext()
-
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
         """One micro-batch; gradients accumulate. Returns the unscaled loss (detached)."""
-        self.train_model.train()
-        with self._grad_sync():
-            with self._autocast():
-                loss = self.train_model(**batch)
-            scaled = loss * loss_scale
-            if self.scaler is not None:
-                scaled = self.scaler.scale(scaled)
-            scaled.backward()
+        self.model.train()
+        with self._autocast():
+            loss = self.model(**batch)
+        scaled = loss * loss_scale
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        scaled.backward()
         return loss.detach()
 
     def optimizer_step(self) -> torch.Tensor:
