@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokfleet-installed
-EXTRAS ?= dev,s3,distributed
+EXTRAS ?= dev,s3,distributed,meg,video
 # Ray, SLURM and S3 servers must stay on loopback on these machines: run confined when root.
 CONFINED := $(PY) -m launch.netns --
 

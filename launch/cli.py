@@ -30,13 +30,51 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         from launch.netns import ensure_confined
 
         ensure_confined()  # Ray stays on loopback on shared machines
+        if cfg.source.kind != "text":
+            from sharding.prepare_signals import prepare_signals
+
+            report = prepare_signals(cfg, progress=not args.quiet, strict=args.strict)  # starts Ray only if a shard is missing
+            print(report.summary())
+            return
         from sharding.pretokenize_text import prepare_text
 
-        manifest = prepare_text(cfg, progress=not args.quiet)  # starts Ray only if a shard is missing
+        manifest = prepare_text(cfg, progress=not args.quiet, strict=args.strict)  # starts Ray only if a shard is missing
     num_train = sum(s.num_samples for s in manifest.shards if s.split == "train")
     num_val = sum(s.num_samples for s in manifest.shards if s.split == "val")
     print(f"dataset {cfg.shards.output}: {len(manifest.shards)} shards, {num_train} train + {num_val} val "
           f"sequences of {manifest.seq_len + 1} tokens, vocab {manifest.vocab_size}, {len(manifest.skipped)} inputs skipped")
+
+
+# ------------------------------------------------------------------ pretokenize / eval
+
+
+def cmd_pretokenize(args: argparse.Namespace) -> None:
+    from launch.config import PretokenizeConfig, dump_config, load_config
+
+    with exit_on_user_error(args.debug):
+        cfg = load_config(args.config, PretokenizeConfig, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return
+        from launch.netns import ensure_confined
+
+        ensure_confined()  # Ray stays on loopback on shared machines
+        from sharding.pretokenize_signals import pretokenize_signals
+
+        report = pretokenize_signals(cfg, progress=not args.quiet, strict=args.strict)  # starts Ray only if a shard is missing
+    print(report.summary())
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from trainer.engines.single import pick_device
+    from trainer.tokenizer_runner import evaluate, format_report
+
+    with exit_on_user_error(args.debug):
+        report = evaluate(args.checkpoint, args.data, split=args.split, num_batches=args.num_batches,
+                          batch_size=args.batch_size, device=pick_device(args.device))
+    print(format_report(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------ train / demo
@@ -70,6 +108,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if tokenizer_dir is None or not tokenizer_dir.is_dir():
             raise UserError(f"{args.checkpoint}: no tokenizer folder next to the checkpoint's run dir")
         tokenizer, eos_id = load_tokenizer(str(tokenizer_dir))
+        if getattr(model, "inference_modes", None):  # latent chunk models (TokCom): --mode generate/reconstruct/encode
+            from trainer.latent_inference import LatentRequest, run_latent_mode, seed_config
+
+            request = LatentRequest(args.mode or model.inference_modes[0], args.input_text, args.num_chunks,
+                                    args.num_steps, args.batch_size, args.output_file, args.seed)
+            lines = run_latent_mode(model, tokenizer, eos_id, request, device)
+            config = seed_config(model, state, tokenizer_dir)
+            print(f"{state['model']['name']}: " + ", ".join(f"{k} {v}" for k, v in config.items()), file=sys.stderr)
+            print("\n".join(lines))
+            return
+        if args.mode is not None:
+            raise UserError(f"--mode is for latent models (TokCom); {state['model']['name']} continues --prompt")
         ids = tokenizer.encode(args.prompt, add_special_tokens=False) if args.prompt else []
         if not ids:
             ids = [eos_id]
@@ -96,23 +146,30 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         if Path(path).is_dir() and not (Path(path) / "manifest.json").exists() or path.endswith("trainer_state.json"):
             _inspect_checkpoint(path)
             return
-        from sharding.pretokenize_text import verify_dataset
         from sharding.manifest import Manifest
+        from sharding.shard_build import verify_dataset
 
         manifest = Manifest.read(path, {})
         problems = verify_dataset(path)
     splits: dict[str, list[int]] = {}
     for shard in manifest.shards:
         splits.setdefault(shard.split, []).append(shard.num_samples)
-    print(f"dataset {path}: kind {manifest.kind}, vocab {manifest.vocab_size}, seq_len {manifest.seq_len}")
+    vocab = f"vocab {manifest.vocab_size}, " if manifest.vocab_size else ""
+    num_bytes = sum(shard.num_bytes for shard in manifest.shards)
+    print(f"dataset {path}: kind {manifest.kind}, {vocab}seq_len {manifest.seq_len}, {num_bytes / 1e6:.1f} MB")
     for split, counts in splits.items():
         print(f"  {split}: {len(counts)} shards, {sum(counts)} samples")
+    for name, field in manifest.fields.items():
+        if "dtype" in field:  # None: a size that varies between samples (e.g. MEG channels)
+            print(f"  field {name}: {field['dtype']} ({', '.join('*' if n is None else str(n) for n in field['shape'])})")
     print(f"  skipped inputs: {len(manifest.skipped)}")
+    for entry in manifest.skipped[:10]:
+        print(f"    {entry.path}: {entry.reason}")
     if problems:
         for problem in problems:
             print(f"  PROBLEM: {problem}")
         sys.exit(1)
-    print("  all shards verified (size, sha256, sample count)")
+    print("  all shards verified (size, sha256, sample count, fields, unique keys)")
 
 
 def _inspect_checkpoint(path: str) -> None:
@@ -181,18 +238,20 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_models(args: argparse.Namespace) -> None:
     from modeling.registry import build_model, get_model_spec, list_models
 
-    for name in list_models():
+    names = list_models()
+    width = max(map(len, names))
+    for name in names:
         spec = get_model_spec(name)
         for flavor in spec.flavors:
             model = build_model(name, flavor, device="meta")
-            print(f"{name:12s} {flavor:8s} {model.num_params() / 1e6:10.2f}M params  task={spec.task}")
+            print(f"{name:{width}s} {flavor:8s} {model.num_params() / 1e6:10.2f}M params  task={spec.task}")
 
 
 def cmd_config_reference(args: argparse.Namespace) -> None:
-    from launch.config import PrepareConfig, TrainConfig
+    from launch.config import PrepareConfig, PretokenizeConfig, TrainConfig
     from launch.schema import describe
 
-    for title, cls in (("train config", TrainConfig), ("prepare config", PrepareConfig)):
+    for title, cls in (("train config", TrainConfig), ("prepare config", PrepareConfig), ("pretokenize config", PretokenizeConfig)):
         print(f"## {title}\n\n| key | type | default | meaning |\n|---|---|---|---|")
         for key, type_name, default, doc in describe(cls):
             print(f"| `{key}` | {type_name} | `{default}` | {doc} |")
@@ -209,13 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prepare = sub.add_parser("prepare", help="turn a corpus into WebDataset shards + manifest (Ray Data)",
-                             description="Read a text corpus, train or load a tokenizer, and pretokenize it with Ray Data "
-                                         "into packed WebDataset shards with a manifest.json. Re-running skips complete shards.")
+                             description="With Ray Data, turn source.kind text (train or load a BPE, pack token sequences), "
+                                         "meg (MEG/EEG recordings via mne: filter, resample, normalised windows + sensor metadata) "
+                                         "or video (PyAV: resized clips) into WebDataset shards with a manifest.json. "
+                                         "Re-running builds only missing or stale shards; unusable inputs are skipped and listed.")
     prepare.add_argument("config", help="YAML prepare config")
     prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value (repeatable)")
     prepare.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+    prepare.add_argument("--strict", action="store_true", help="an unusable input (corrupt, truncated, empty) is an error, not skipped")
     prepare.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     prepare.set_defaults(func=cmd_prepare)
 
@@ -224,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     generate = sub.add_parser("generate", help="sample text from a trained checkpoint",
-                              description="Load a checkpoint (or a run dir's newest one) and continue a prompt.")
+                              description="Load a checkpoint (or a run dir's newest one) and continue a prompt (GPT), or "
+                                          "generate / reconstruct / encode with a latent model (TokCom, --mode).")
     generate.add_argument("--checkpoint", required=True, help="checkpoint folder or run dir")
     generate.add_argument("--prompt", default="", help="text to continue (empty: start from end-of-text)")
     generate.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
@@ -233,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-samples", type=int, default=1, help="independent continuations")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    generate.add_argument("--mode", choices=("generate", "reconstruct", "encode"),
+                          help="latent models (TokCom): generate from noise, reconstruct --input_text through the VAE, or "
+                               "encode it to latents (default: the model's first mode)")
+    generate.add_argument("--input_text", "--input-text", help="text to reconstruct or encode")
+    generate.add_argument("--num_chunks", "--num-chunks", type=int,
+                          help="latents to generate, or chunks the input text is EOS-padded/truncated to (default: sequence_len / chunk_size)")
+    generate.add_argument("--num_steps", "--num-steps", type=int, default=50, help="Euler denoising steps (--mode generate)")
+    generate.add_argument("--batch_size", "--batch-size", type=int, default=1, help="sequences to generate (--mode generate)")
+    generate.add_argument("--output_file", "--output-file",
+                          help="write the texts (generate, reconstruct) or the latents as a torch .pt tensor (encode)")
     generate.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     generate.set_defaults(func=cmd_generate)
 
@@ -250,6 +323,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     export.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     export.set_defaults(func=cmd_export)
+
+    pretokenize = sub.add_parser("pretokenize", help="run a trained tokenizer over raw MEG/EEG or video shards -> token shards (Ray Data actors)",
+                                 description="A pool of Ray Data actors, each holding the tokenizer checkpoint (TOTEM, BrainOmni, "
+                                             "BrainTokMix, Vidtok, VidtokRVQ), turns a `tokfleet prepare` dataset into token shards "
+                                             "(same sample keys) with a manifest.json recording the tokenizer's provenance. "
+                                             "Re-running builds only missing or stale shards.")
+    pretokenize.add_argument("config", help="YAML pretokenize config")
+    pretokenize.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a config value (repeatable)")
+    pretokenize.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    pretokenize.add_argument("--quiet", action="store_true", help="no progress bars")
+    pretokenize.add_argument("--strict", action="store_true", help="a missing or changed raw shard is an error, not skipped")
+    pretokenize.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    pretokenize.set_defaults(func=cmd_pretokenize)
+
+    evaluation = sub.add_parser("eval", help="a tokenizer checkpoint's codebook and reconstruction quality on a raw dataset",
+                                description="Codebook utilisation, perplexity, token entropy (bits), normalised reconstruction "
+                                            "MSE and scale error of a tokenizer checkpoint on the first batches of a split, "
+                                            "against the seed's TOTEM goals; printed as a table, written as JSON with --out.")
+    evaluation.add_argument("checkpoint", help="tokenizer checkpoint folder or run dir")
+    evaluation.add_argument("--data", required=True, help="raw dataset root (MEG/EEG windows or video clips)")
+    evaluation.add_argument("--split", default="val", help="manifest split")
+    evaluation.add_argument("--num-batches", type=int, default=8, help="batches to evaluate")
+    evaluation.add_argument("--batch-size", type=int, default=8, help="samples per batch (neighbours of one shape)")
+    evaluation.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    evaluation.add_argument("--out", help="write the report as JSON here")
+    evaluation.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    evaluation.set_defaults(func=cmd_eval)
 
     models = sub.add_parser("models", help="list registered models and flavors with parameter counts",
                             description="Every registered model_name and flavor, built on the meta device to count parameters.")

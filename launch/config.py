@@ -92,6 +92,9 @@ class EngineConfig:
     offload_params: bool = option(False, "DeepSpeed: keep parameters in CPU memory (ZeRO 3 only)")
     deepspeed_config: str | None = option(None, "DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); this config's values win")
     timeout_s: float = option(300.0, "seconds a collective waits for a missing rank before the job fails")
+    expert_parallel_size: int = option(
+        1, "DeepSpeed + MoE model: ranks that split each MoE layer's experts (tokens go all-to-all between them); "
+           "divides the world size and the experts per layer. 1: every rank holds every expert")
 
     def __post_init__(self):
         if self.zero_stage is not None and not 0 <= self.zero_stage <= 3:
@@ -106,6 +109,10 @@ class EngineConfig:
             raise ValueError(f"engine.offload_params needs ZeRO stage 3, not {self.zero_stage}")
         if self.timeout_s <= 0:
             raise ValueError(f"engine.timeout_s must be > 0, got {self.timeout_s}")
+        if self.expert_parallel_size < 1:
+            raise ValueError(f"engine.expert_parallel_size must be >= 1, got {self.expert_parallel_size}")
+        if self.expert_parallel_size > 1 and self.kind != "deepspeed":
+            raise ValueError(f"engine.expert_parallel_size > 1 needs engine.kind deepspeed, not {self.kind!r}")
 
 
 @dataclass
@@ -147,8 +154,8 @@ class TrainConfig:
 
 @dataclass
 class SourceConfig:
-    kind: Literal["text"] = option("text", "corpus kind")
-    paths: list[str] = option(help="glob patterns of text/code files; '{stdlib}' is this Python's standard library", factory=list)
+    kind: Literal["text", "meg", "video"] = option("text", "corpus kind: text/code files, MEG/EEG recordings (mne) or videos (PyAV)")
+    paths: list[str] = option(help="glob patterns of input files (any fsspec URL); '{stdlib}' is this Python's standard library", factory=list)
     exclude: list[str] = option(help="glob patterns (fnmatch on the full path) of files to leave out", factory=list)
     hf_dataset: str | None = option(None, "a `datasets` dataset: local path or hub id (instead of paths)")
     hf_config: str | None = option(None, "dataset configuration name")
@@ -182,10 +189,68 @@ class ShardsConfig:
 
 
 @dataclass
+class MegConfig:
+    channel_types: list[str] = option(help="mne channel types to keep (mag, grad, eeg, seeg, ecog, ...)",
+                                      factory=lambda: ["mag", "grad", "eeg"])
+    exclude_bads: bool = option(True, "leave out the channels a recording marks as bad")
+    sfreq: float = option(250.0, "resample every recording to this rate (Hz), so all windows have one length")
+    l_freq: float | None = option(0.5, "high-pass edge of the band-pass filter (Hz); empty: no high-pass")
+    h_freq: float | None = option(100.0, "low-pass edge (Hz), below sfreq / 2; empty: no low-pass")
+    notch_freqs: list[float] = option(help="line-noise frequencies notched out before band-passing (Hz), e.g. [50, 100]", factory=list)
+    window_s: float = option(2.0, "window length (s); window_s * sfreq samples")
+    overlap_s: float = option(0.0, "overlap of consecutive windows (s), below window_s")
+    normalization: Literal["robust", "zscore", "none"] = option(
+        "robust", "per-channel, per-recording: robust (median, IQR / 1.349), zscore (mean, std) or none; stats stored per window")
+
+    def __post_init__(self):
+        if self.sfreq <= 0:
+            raise ValueError(f"meg.sfreq must be > 0, got {self.sfreq}")
+        if self.h_freq is not None and not 0 < self.h_freq < self.sfreq / 2:
+            raise ValueError(f"meg.h_freq must be in (0, sfreq / 2 = {self.sfreq / 2:g}), got {self.h_freq}")
+        if self.l_freq is not None and not 0 < self.l_freq < (self.h_freq or self.sfreq / 2):
+            raise ValueError(f"meg.l_freq must be > 0 and below h_freq, got {self.l_freq}")
+        for name, seconds in (("window_s", self.window_s), ("overlap_s", self.overlap_s)):
+            if abs(seconds * self.sfreq - round(seconds * self.sfreq)) > 1e-6:
+                raise ValueError(f"meg.{name} * meg.sfreq must be a whole number of samples, got {seconds} * {self.sfreq:g}")
+        if round(self.window_s * self.sfreq) < 2:
+            raise ValueError(f"meg.window_s must hold >= 2 samples at sfreq {self.sfreq:g}, got {self.window_s}")
+        if not 0 <= self.overlap_s < self.window_s:
+            raise ValueError(f"meg.overlap_s must be in [0, window_s), got {self.overlap_s}")
+        if not self.channel_types:
+            raise ValueError("meg.channel_types must name at least one channel type")
+
+
+@dataclass
+class VideoConfig:
+    height: int = option(64, "frame height of the clips (pixels)")
+    width: int = option(64, "frame width of the clips (pixels)")
+    resize: Literal["crop", "stretch"] = option("crop", "crop: scale to cover height x width, then center-crop; stretch: scale to it")
+    fps: float = option(0.0, "frame rate of the clips (nearest source frame per tick); 0 keeps each video's own rate")
+    clip_frames: int = option(16, "frames per clip")
+    stride_frames: int = option(16, "frames between the starts of consecutive clips (< clip_frames: overlapping clips)")
+    max_clips_per_file: int = option(0, "keep at most this many clips of each video (0: all)")
+
+    def __post_init__(self):
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"video.height and video.width must be >= 1, got {self.height}x{self.width}")
+        if self.fps < 0:
+            raise ValueError(f"video.fps must be >= 0, got {self.fps}")
+        if self.clip_frames < 1 or self.stride_frames < 1:
+            raise ValueError(f"video.clip_frames and video.stride_frames must be >= 1, got {self.clip_frames}, {self.stride_frames}")
+        if self.max_clips_per_file < 0:
+            raise ValueError(f"video.max_clips_per_file must be >= 0, got {self.max_clips_per_file}")
+
+
+@dataclass
 class RayConfig:
     address: str | None = option(None, "Ray cluster address; empty starts a local instance")
     num_cpus: int = option(0, "CPUs of the local instance (0: all)")
     object_store_mb: int = option(512, "object store size of the local instance")
+    max_tasks: int = option(0, "prepare: shard-building tasks running at once (0: one per CPU); lower it when one input needs much memory")
+
+    def __post_init__(self):
+        if self.max_tasks < 0:
+            raise ValueError(f"ray.max_tasks must be >= 0, got {self.max_tasks}")
 
 
 @dataclass
@@ -193,6 +258,63 @@ class PrepareConfig:
     source: SourceConfig
     shards: ShardsConfig
     tokenizer: TokenizerConfig = option(help="text tokenizer", factory=TokenizerConfig)
+    meg: MegConfig = option(help="MEG/EEG preprocessing (source.kind meg)", factory=MegConfig)
+    video: VideoConfig = option(help="video decoding and clipping (source.kind video)", factory=VideoConfig)
+    ray: RayConfig = option(help="Ray runtime", factory=RayConfig)
+
+
+# ---------------------------------------------------------- pretokenize config
+
+
+@dataclass
+class PretokenizeInputConfig:
+    dataset: str = option(help="raw dataset root URL: a `tokfleet prepare` output of MEG/EEG windows or video clips")
+    splits: list[str] = option(help="manifest splits to tokenize", factory=lambda: ["train", "val"])
+    storage_options: dict[str, Any] = option(help="fsspec storage options for the input URL", factory=dict)
+
+    def __post_init__(self):
+        if not self.splits or any(split not in ("train", "val") for split in self.splits):
+            raise ValueError(f"input.splits must list 'train' and/or 'val', got {self.splits}")
+
+
+@dataclass
+class PretokenizeModelConfig:
+    checkpoint: str = option(help="tokenizer checkpoint folder, or a run dir (its newest complete checkpoint)")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "device of each actor's tokenizer; auto: cuda when the actor has a GPU")
+
+
+@dataclass
+class TokenShardsConfig:
+    output: str = option(help="token dataset root URL: token shards and manifest.json go here")
+    name: str = option("tokens", "shard name prefix: {name}-{index:06d}.tar")
+    raw_shards_per_shard: int = option(1, "consecutive raw shards (of one split) tokenized into one token shard")
+    storage_options: dict[str, Any] = option(help="fsspec storage options for the output URL", factory=dict)
+
+    def __post_init__(self):
+        if self.raw_shards_per_shard < 1:
+            raise ValueError(f"shards.raw_shards_per_shard must be >= 1, got {self.raw_shards_per_shard}")
+
+
+@dataclass
+class ActorPoolConfig:
+    num_actors: int = option(1, "tokenizer actors (model replicas) in the Ray Data actor pool")
+    num_cpus: float = option(1.0, "CPUs reserved per actor")
+    num_gpus: float = option(0.0, "GPUs per actor (1 on a GPU node; a fraction shares a GPU)")
+    batch_size: int = option(32, "samples per tokenizer forward pass (neighbouring samples of one shape)")
+
+    def __post_init__(self):
+        if self.num_actors < 1 or self.batch_size < 1:
+            raise ValueError(f"actors.num_actors and actors.batch_size must be >= 1, got {self.num_actors}, {self.batch_size}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError(f"actors.num_cpus and actors.num_gpus must be >= 0, got {self.num_cpus}, {self.num_gpus}")
+
+
+@dataclass
+class PretokenizeConfig:
+    input: PretokenizeInputConfig
+    tokenizer: PretokenizeModelConfig
+    shards: TokenShardsConfig
+    actors: ActorPoolConfig = option(help="the Ray Data actor pool running the tokenizer", factory=ActorPoolConfig)
     ray: RayConfig = option(help="Ray runtime", factory=RayConfig)
 
 
@@ -227,7 +349,10 @@ def load_config(path: str | Path, cls: type[ConfigT], overrides: list[str] | Non
 
 
 def dump_config(config: Any) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    """YAML of `config` without credentials (see launch/redact.py): what is printed or saved."""
+    from launch.redact import public_dict
+
+    return yaml.safe_dump(public_dict(config), sort_keys=False)
 
 
 def save_config(config: Any, path: str | Path) -> None:

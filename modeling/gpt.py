@@ -5,7 +5,9 @@ Architecture (after karpathy/nanochat's gpt.py):
 - parameter-free RMSNorm: after the token embedding, before attention and MLP (pre-norm),
   on the final hidden state, and on q and k after rotary (QK norm)
 - grouped-query attention (n_kv_head divides n_head), causal, via scaled_dot_product_attention
-- ReLU^2 MLP of width 4 * n_embd
+- ReLU^2 MLP of width 4 * n_embd, or in the blocks `moe_layers` names (when moe_num_experts > 0) a
+  top-k routed mixture of such MLPs (modeling/moe.py); the training loss then includes the
+  weighted load-balancing loss
 - no biases; token embedding and lm_head untied
 - a preallocated KV cache for generation
 
@@ -22,11 +24,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from modeling.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from modeling.moe import MoEFields, MoEMLP, moe_aux_loss, num_idle_expert_params
 from modeling.registry import ModelSpec, register_model
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(MoEFields):
     sequence_len: int = field(metadata={"help": "maximum tokens per sequence (context length, rotary table size)"})
     vocab_size: int = field(metadata={"help": "number of token ids; the trainer sets it from the tokenizer"})
     n_layer: int = field(metadata={"help": "number of transformer blocks"})
@@ -36,7 +39,6 @@ class GPTConfig:
     use_gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute each block in the backward pass to save activation memory"}
     )
-
     def __post_init__(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
@@ -47,6 +49,7 @@ class GPTConfig:
             raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"n_embd / n_head (head_dim = {self.head_dim}) must be even for rotary embeddings")
+        self.check_moe(self.n_layer)
 
     @property
     def head_dim(self) -> int:
@@ -164,7 +167,10 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp_norm = RMSNorm()
-        self.mlp = MLP(config)
+        if layer_idx in config.moe_block_indices(config.n_layer):
+            self.mlp = MoEMLP(config.n_embd, 4 * config.n_embd, config.moe_config("relu2"))  # experts as wide as the dense MLP
+        else:
+            self.mlp = MLP(config)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
@@ -203,7 +209,11 @@ class GPT(nn.Module):
         # inputs, so they move off zero on the first step.
         for block in self.blocks:
             nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
+            if isinstance(block.mlp, MoEMLP):
+                # as the dense MLP: input matrices like c_fc (fan_in D, fan_out 4D), outputs zero
+                block.mlp.init_weights(in_std=1.0 / math.sqrt(self.config.n_embd), out_std=0.0)
+            else:
+                nn.init.zeros_(block.mlp.c_proj.weight)
         nn.init.zeros_(self.lm_head.weight)
         self.rotary.reset_buffers()
 
@@ -224,7 +234,8 @@ class GPT(nn.Module):
         """
         config = self.config
         num_attention_flops = 12 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
-        return 6 * self.num_params(include_embedding=False) + num_attention_flops
+        num_active = self.num_params(include_embedding=False) - num_idle_expert_params(block.mlp for block in self.blocks)
+        return 6 * num_active + num_attention_flops
 
     def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache on the model's device, for up to max_len (default sequence_len) positions."""
@@ -244,7 +255,8 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
-        """idx (B, T) int64 -> logits (B, T, V), or the mean cross-entropy if targets (B, T) are given.
+        """idx (B, T) int64 -> logits (B, T, V), or the mean cross-entropy if targets (B, T) are given
+        (plus, in training mode, the weighted MoE load-balancing loss).
 
         Target -1 is ignored. With kv_cache, idx continues the sequence the cache holds: its
         tokens sit at positions kv_cache.pos .. kv_cache.pos + T - 1.
@@ -272,7 +284,10 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         # fp32 for the softmax: bf16 logits lose too much precision over a large vocabulary.
-        return F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        # training only: an eval loss stays the plain cross-entropy, comparable with dense models
+        aux_loss = moe_aux_loss(block.mlp for block in self.blocks) if self.training else None
+        return loss if aux_loss is None else loss + aux_loss
 
     @torch.inference_mode()
     def generate(

@@ -1,6 +1,7 @@
 """Registry of model families, looked up by name.
 
-Each family module (e.g. `modeling.gpt`) calls `register_model(ModelSpec(...))` at import time.
+Each family module (e.g. `modeling.gpt`) calls `register_model(ModelSpec(...))` at import time;
+the registry imports it the first time one of its models is looked up (`_MODEL_MODULES`).
 The trainer only talks to this module: it picks a model by name and flavor, overrides a few
 config fields from the data set (vocab_size, sequence_len), and gets a plain `nn.Module` back.
 
@@ -22,12 +23,23 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-# Modules that register model families; imported on first use of the registry. A new family
-# adds its module here.
-_FAMILY_MODULES = ("modeling.gpt",)
+# Model name -> the module that registers it. A family's module (and what it imports: transformers
+# for TokCom and FlatGPT) loads only when one of its models is asked for. A new model adds its name
+# here. The brain-gen zoo keeps brain-gen's `model_name` spellings, so its configs read the same.
+_FLATGPT_NAMES = ("FlatGPT", "FlatGPTEmbeds", "FlatGPTRVQ", "FlatGPTMix", "FlatGPTMixRVQ", "FlatGPTEmbedsRVQ")
+_MODEL_MODULES = {
+    "gpt": "modeling.gpt",
+    "tokcom_vae": "modeling.tokcom",
+    "tokcom_diffusion": "modeling.tokcom",
+    **dict.fromkeys(_FLATGPT_NAMES, "modeling.flatgpt"),
+    "totem": "modeling.totem",
+    "BrainOmniCausalTokenizer": "modeling.brainomni",
+    "BrainOmniCausalTokenizerSEANetChannelMix": "modeling.brainomni",
+    "Vidtok": "modeling.vidtok",
+    "VidtokRVQ": "modeling.vidtok",
+}
 
 _REGISTRY: dict[str, "ModelSpec"] = {}
-_is_registered = False
 
 
 @dataclass(frozen=True)
@@ -37,19 +49,9 @@ class ModelSpec:
     builder: Callable[[Any], nn.Module]  # config -> model, built on the current default device
     flavors: dict[str, dict]  # flavor name -> config field values ("debug", "small", "full")
     task: str  # which batch format the trainer feeds, e.g. "causal_lm"
-
-
-def _ensure_registered() -> None:
-    global _is_registered
-    if _is_registered:
-        return
-    _is_registered = True  # set first: family modules call register_model, which lands here
-    try:
-        for module_name in _FAMILY_MODULES:
-            importlib.import_module(module_name)
-    except BaseException:
-        _is_registered = False  # let the next call retry and show the real import error again
-        raise
+    # config fields naming weight files that init_weights loads (e.g. a frozen stage-1 model); a loader
+    # of a whole checkpoint of this model sets them to None, since the checkpoint holds those weights
+    weight_file_fields: tuple[str, ...] = ()
 
 
 def _suggest(kind: str, bad: str, valid: typing.Iterable[str], context: str = "") -> ValueError:
@@ -63,7 +65,6 @@ def _suggest(kind: str, bad: str, valid: typing.Iterable[str], context: str = ""
 
 def register_model(spec: ModelSpec) -> None:
     """Add a model family. Flavors are checked now, so a typo fails at import, not at launch."""
-    _ensure_registered()
     if spec.name in _REGISTRY:
         raise ValueError(f"model {spec.name!r} is already registered")
     if not dataclasses.is_dataclass(spec.config_cls):
@@ -77,14 +78,16 @@ def register_model(spec: ModelSpec) -> None:
 
 
 def list_models() -> list[str]:
-    _ensure_registered()
+    for module_name in sorted(set(_MODEL_MODULES.values())):
+        importlib.import_module(module_name)
     return sorted(_REGISTRY)
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    _ensure_registered()
+    if name not in _REGISTRY and name in _MODEL_MODULES:
+        importlib.import_module(_MODEL_MODULES[name])
     if name not in _REGISTRY:
-        raise _suggest("model", name, _REGISTRY)
+        raise _suggest("model", name, {*_MODEL_MODULES, *_REGISTRY})
     return _REGISTRY[name]
 
 
@@ -165,7 +168,13 @@ def model_config(name: str, flavor: str, overrides: dict | None = None) -> Any:
     spec = get_model_spec(name)
     if flavor not in spec.flavors:
         raise _suggest("flavor", flavor, spec.flavors, context=f" for model {name!r}")
-    values = {**spec.flavors[flavor], **(overrides or {})}
+    values = dict(spec.flavors[flavor])
+    for key, value in (overrides or {}).items():
+        # a dict-valued field (e.g. FlatGPT's trf_args) takes overrides key by key, so that
+        # `--set model.args.trf_args.num_hidden_layers=4` keeps the flavor's other keys
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            value = {**values[key], **value}
+        values[key] = value
     return _make_config(spec, values, context=f" for model {name!r}")
 
 

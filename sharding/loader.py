@@ -244,6 +244,8 @@ class ShardLoader:
                 samples = split_samples(storage.read_bytes(url, self.storage_options))
             except FileNotFoundError:
                 raise UserError(f"{url}: shard missing (run `tokfleet prepare` again to rebuild it)") from None
+            except UserError:
+                raise  # storage already named the fault (credentials, bucket)
             except ValueError as error:
                 raise UserError(f"{url}: {error} (run `tokfleet prepare` again to rebuild it)") from None
             if len(samples) != shard.num_samples:

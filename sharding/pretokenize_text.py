@@ -7,21 +7,20 @@
       `{name}-{index:06d}.json` (stats + token histogram)
     -> the driver gathers the sidecars and writes manifest.json last.
 
-Resumable and idempotent: a shard is rebuilt only when its sidecar is missing, was built from
-other inputs (the sidecar's build id covers sources, tokenizer, seq_len), or the tar does not
-match the sidecar's size and sha256. The sidecar is written after the tar is renamed into
-place, so a crash never leaves a shard that looks complete. A re-run with nothing to do
-rewrites nothing. Sample keys `{name}-{index:06d}-{sample:06d}` are stable because groups are
-formed in sorted source order; the manifest lists each shard's sources, so sample j of shard i
+Resumable and idempotent (sharding.shard_build): a shard is rebuilt only when its sidecar is
+missing, was built from other inputs (the sidecar's build id covers sources, tokenizer, seq_len),
+or the tar does not match the sidecar's size and sha256. A re-run with nothing to do rewrites
+nothing. Sample keys `{name}-{index:06d}-{sample:06d}` are stable because groups are formed in
+sorted source order; the manifest lists each shard's sources, so sample j of shard i
 is tokens [j*seq_len, (j+1)*seq_len] of the EOS-joined stream of those sources.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,7 +31,20 @@ from launch.config import PrepareConfig
 from launch.errors import UserError
 from sharding import storage
 from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord, SkippedInput
-from sharding.shards import read_shard, sample_key, shard_name, token_dtype, write_shard
+from sharding.shard_build import (  # verify_dataset: re-exported, callers import it from here too
+    build_id,
+    build_on_ray,
+    check_shard_name,
+    complete_sidecar,
+    created_by,
+    finish_manifest,
+    group_documents,
+    sidecar_name,
+    tidy_output,
+    val_group_indexes,
+    verify_dataset,  # noqa: F401
+)
+from sharding.shards import sample_key, shard_name, token_dtype, write_shard
 from sharding.text_corpus import Document, corpus_fingerprint, iter_texts, list_documents, read_document
 from sharding.text_tokenizer import ensure_tokenizer
 
@@ -40,34 +52,9 @@ log = logging.getLogger(__name__)
 
 PROGRAM = "tokfleet prepare (sharding.pretokenize_text)"
 TOKENS_FIELD = "tokens.npy"
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 # ------------------------------------------------------------------ planning
-
-
-def group_documents(documents: list[Document], source_bytes_per_shard: int) -> list[list[Document]]:
-    """Consecutive documents in groups of at least `source_bytes_per_shard` bytes (the last may be smaller)."""
-    groups: list[list[Document]] = []
-    current: list[Document] = []
-    current_bytes = 0
-    for document in documents:
-        current.append(document)
-        current_bytes += document.num_bytes
-        if current_bytes >= source_bytes_per_shard:
-            groups.append(current)
-            current, current_bytes = [], 0
-    if current:
-        groups.append(current)
-    return groups
-
-
-def val_group_indexes(num_groups: int, val_fraction: float) -> set[int]:
-    """Evenly spaced groups making ~val_fraction of all; at least one when possible, never all."""
-    if val_fraction <= 0 or num_groups < 2:
-        return set()
-    num_val = min(num_groups - 1, max(1, round(num_groups * val_fraction)))
-    return {int((j + 0.5) * num_groups / num_val) for j in range(num_val)}
 
 
 @dataclass
@@ -87,10 +74,6 @@ class ShardSpec:
     documents: list[dict[str, Any]]  # Document fields
 
 
-def sidecar_name(shard: str) -> str:
-    return shard.removesuffix(".tar") + ".json"
-
-
 def _build_id(index: int, name: str, documents: list[Document], tokenizer_sha256: str, seq_len: int, dtype: str) -> str:
     """Names the inputs of one shard: same id -> same bytes."""
     identity = {
@@ -102,7 +85,7 @@ def _build_id(index: int, name: str, documents: list[Document], tokenizer_sha256
         "dtype": dtype,
         "documents": corpus_fingerprint(documents),
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return build_id(identity)
 
 
 # ------------------------------------------------------------- building (Ray task)
@@ -180,72 +163,8 @@ def build_shard(spec: ShardSpec, tokenizer_json: str, storage_options: dict[str,
     return sidecar
 
 
-def _build_row(row: dict[str, Any], *, tokenizer_json: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """Ray Data map function: a group spec (as JSON) in, its sidecar (as JSON) out."""
-    spec = ShardSpec(**json.loads(row["spec"]))
-    return {"sidecar": json.dumps(build_shard(spec, tokenizer_json, storage_options))}
-
-
-def _build_on_ray(specs: list[ShardSpec], tokenizer_json: str, cfg: PrepareConfig, progress: bool) -> list[dict[str, Any]]:
-    import ray
-    from tqdm import tqdm
-
-    from sharding.ray_runtime import init_ray
-
-    init_ray(cfg.ray)
-    items = [{"spec": json.dumps(asdict(spec))} for spec in specs]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
-        _build_row,
-        fn_kwargs={"tokenizer_json": tokenizer_json, "storage_options": cfg.shards.storage_options},
-        num_cpus=1,
-    )
-    sidecars = []
-    with tqdm(total=len(specs), desc="pretokenize", unit="shard", disable=not progress) as bar:
-        for row in dataset.iter_rows():
-            sidecars.append(json.loads(row["sidecar"]))
-            bar.update()
-    return sidecars
-
-
-# ------------------------------------------------------------------ resuming
-
-
-def _complete_sidecar(spec: ShardSpec, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The sidecar of `spec`'s shard when the shard on storage is complete and current, else None."""
-    try:
-        sidecar = json.loads(storage.read_text(spec.sidecar_url, storage_options))
-    except (FileNotFoundError, ValueError):
-        return None
-    if not isinstance(sidecar, dict) or sidecar.get("build_id") != spec.build_id:
-        return None
-    if storage.size(spec.url, storage_options) != sidecar.get("num_bytes"):
-        return None
-    if storage.sha256_of(spec.url, storage_options) != sidecar.get("sha256"):
-        return None
-    return sidecar
-
-
-def _tidy_output(output: str, name: str, num_shards: int, storage_options: dict[str, Any] | None) -> None:
-    """Delete temporaries a killed run left behind; warn about shards beyond this corpus's count."""
-    pattern = re.compile(rf"^{re.escape(name)}-(\d{{6}})\.(tar|json)({re.escape(storage.TMP_MARKER)}[0-9a-f]+)?$")
-    stale = []
-    for entry in storage.ls(output, storage_options):
-        match = pattern.match(entry)
-        if match is None:
-            continue
-        if match.group(3):
-            storage.remove(storage.join(output, entry), storage_options)
-        elif int(match.group(1)) >= num_shards and match.group(2) == "tar":
-            stale.append(entry)
-    if stale:
-        log.warning("%s holds %d shards beyond the %d of this corpus (not in the manifest): %s", output, len(stale), num_shards, ", ".join(stale[:5]))
-
-
-def _previous_manifest(output: str, storage_options: dict[str, Any] | None) -> Manifest | None:
-    try:
-        return Manifest.read(output, storage_options)
-    except ValueError:
-        return None
+def _build_from_fields(fields: dict[str, Any], *, tokenizer_json: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    return build_shard(ShardSpec(**fields), tokenizer_json, storage_options)
 
 
 # ------------------------------------------------------------------- driver
@@ -260,13 +179,6 @@ def _unigram_entropy(sidecars: list[dict[str, Any]], vocab_size: int) -> float:
         return 0.0
     probabilities = counts[counts > 0] / total
     return float(-(probabilities * np.log(probabilities)).sum())
-
-
-def _created_by(cfg: PrepareConfig) -> dict[str, Any]:
-    config = asdict(cfg)
-    config["shards"].pop("storage_options", None)  # may hold credentials
-    config.pop("ray", None)  # how it ran, not what it made
-    return {"program": PROGRAM, "config": config}
 
 
 def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]], provenance: dict[str, Any], vocab_size: int, dtype: str) -> list[ShardSpec]:
@@ -290,12 +202,14 @@ def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]], provenance: d
     return specs
 
 
-def prepare_text(cfg: PrepareConfig, progress: bool = True) -> Manifest:
-    """Build (or complete) the text token dataset of `cfg` at `cfg.shards.output`; its manifest."""
+def prepare_text(cfg: PrepareConfig, progress: bool = True, strict: bool = False) -> Manifest:
+    """Build (or complete) the text token dataset of `cfg` at `cfg.shards.output`; its manifest.
+
+    `strict`: an undecodable or empty input is an error (UserError) instead of a skipped input.
+    """
     shards_cfg = cfg.shards
     output, storage_options = shards_cfg.output, shards_cfg.storage_options
-    if not _NAME_PATTERN.match(shards_cfg.name):
-        raise UserError(f"shards.name: {shards_cfg.name!r} may hold only letters, digits, '_' and '-'")
+    check_shard_name(shards_cfg.name)
     if shards_cfg.source_bytes_per_shard < 1:
         raise UserError(f"shards.source_bytes_per_shard must be >= 1, got {shards_cfg.source_bytes_per_shard}")
 
@@ -315,10 +229,10 @@ def prepare_text(cfg: PrepareConfig, progress: bool = True) -> Manifest:
     dtype = token_dtype(vocab_size).name
 
     specs = _shard_specs(cfg, groups, provenance, vocab_size, dtype)
-    _tidy_output(output, shards_cfg.name, len(specs), storage_options)
+    tidy_output(output, shards_cfg.name, len(specs), storage_options)
     sidecars: dict[int, dict[str, Any]] = {}
     for spec in specs:
-        sidecar = _complete_sidecar(spec, storage_options)
+        sidecar = complete_sidecar(spec.url, spec.sidecar_url, spec.build_id, storage_options)
         if sidecar is not None:
             sidecars[spec.index] = sidecar
     to_build = [spec for spec in specs if spec.index not in sidecars]
@@ -327,16 +241,15 @@ def prepare_text(cfg: PrepareConfig, progress: bool = True) -> Manifest:
         start = time.perf_counter()
         tokenizer_json = tokenizer.backend_tokenizer.to_str()
         by_shard = {spec.shard: spec.index for spec in to_build}
-        for sidecar in _build_on_ray(to_build, tokenizer_json, cfg, progress):
+        build = functools.partial(_build_from_fields, tokenizer_json=tokenizer_json, storage_options=storage_options)
+        for sidecar in build_on_ray([asdict(spec) for spec in to_build], build, cfg.ray, progress=progress, desc="pretokenize"):
             sidecars[by_shard[sidecar["shard"]]] = sidecar
         log.info("pretokenized %d shards in %.1f s", len(to_build), time.perf_counter() - start)
 
     manifest = _assemble_manifest(cfg, documents, specs, sidecars, val_groups, provenance, vocab_size, dtype)
     if manifest.num_samples("train") == 0:
         raise UserError(f"source: the corpus is too small to make one training sample of shards.seq_len={shards_cfg.seq_len} tokens")
-    previous = _previous_manifest(output, storage_options)
-    if previous is None or previous.to_json() != manifest.to_json():
-        manifest.write(output, storage_options)
+    finish_manifest(manifest, output, storage_options, strict=strict)
     return manifest
 
 
@@ -378,45 +291,5 @@ def _assemble_manifest(
         sources={"num_documents": len(documents), "num_bytes": sum(d.num_bytes for d in documents)},
         skipped=sorted(skipped, key=lambda entry: entry.path),
         stats=stats,
-        created_by=_created_by(cfg),
+        created_by=created_by(cfg, PROGRAM),
     )
-
-
-# ------------------------------------------------------------------- verify
-
-
-def verify_dataset(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Problems with the dataset at `url` (missing/changed/truncated shards, bad manifest); [] if sound."""
-    try:
-        manifest = Manifest.read(url, storage_options)
-    except ValueError as error:
-        return [str(error)]
-    problems = []
-    field_names = {field.rsplit(".", 1)[0] for field in manifest.fields}
-    for shard in manifest.shards:
-        shard_url = storage.join(url, shard.name)
-        num_bytes = storage.size(shard_url, storage_options)
-        if num_bytes is None:
-            problems.append(f"{shard.name}: missing")
-            continue
-        if num_bytes != shard.num_bytes:
-            problems.append(f"{shard.name}: {num_bytes} bytes, manifest records {shard.num_bytes}")
-            continue
-        if storage.sha256_of(shard_url, storage_options) != shard.sha256:
-            problems.append(f"{shard.name}: sha256 differs from the manifest")
-            continue
-        try:
-            samples = read_shard(shard_url, storage_options)
-        except ValueError as error:
-            problems.append(f"{shard.name}: {error}")
-            continue
-        if len(samples) != shard.num_samples:
-            problems.append(f"{shard.name}: {len(samples)} samples, manifest records {shard.num_samples}")
-        elif samples and set(samples[0]) - {"__key__"} != field_names:
-            problems.append(f"{shard.name}: fields {sorted(set(samples[0]) - {'__key__'})}, manifest records {sorted(field_names)}")
-    tokenizer_url = storage.join(url, manifest.tokenizer.get("path", "tokenizer"), "tokenizer.json")
-    if not storage.exists(tokenizer_url, storage_options):
-        problems.append(f"{tokenizer_url}: missing")
-    elif storage.sha256_of(tokenizer_url, storage_options) != manifest.tokenizer.get("sha256"):
-        problems.append(f"{tokenizer_url}: sha256 differs from the manifest")
-    return problems

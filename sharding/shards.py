@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -33,6 +35,17 @@ def shard_name(name: str, index: int) -> str:
 
 def sample_key(name: str, index: int, sample: int) -> str:
     return f"{name}-{index:06d}-{sample:06d}"
+
+
+def source_sample_key(source: str, position: int) -> str:
+    """`{stem}-{hash8}-{position:06d}`: the key of sample `position` (window, clip) of input file `source`.
+
+    Stable across re-runs and regroupings (it depends on nothing but the source URL); the hash of
+    the whole URL tells apart equal file names in different folders; no dots (WebDataset grouping).
+    """
+    stem = os.path.basename(source.rstrip("/")).split(".")[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:48] or "file"
+    return f"{stem}-{hashlib.sha256(source.encode('utf-8')).hexdigest()[:8]}-{position:06d}"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -5,19 +5,63 @@ Every data file tokfleet writes (shards, sidecars, manifests, tokenizer files) g
 bytes land in `name.tmp-<uuid>` first and are then renamed (`os.replace` after fsync on a local
 disk; upload then `mv` on object stores, where the upload itself is already all-or-nothing).
 A plain path is a local file; `s3://...`, `memory://...` or any fsspec URL works the same way.
+Credentials come from `storage_options` (s3fs: key, secret, client_kwargs.endpoint_url) or the
+usual AWS environment/config (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
+~/.aws). An object store refusing the credentials, or a missing bucket, is the user's input at
+fault: `UserError` with one line naming the URL (s3fs says only "Forbidden" or "None").
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+import shutil
+import tempfile
 import uuid
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, Iterator, TextIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from launch.errors import UserError
+
 TMP_MARKER = ".tmp-"
+OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # no folders: nothing to makedirs
+
+# botocore logs "Found credentials in environment variables." at INFO: noise beside a one-line error
+for _name in ("botocore", "aiobotocore"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def _service_code(error: BaseException) -> str | None:
+    """The object store's error code (e.g. NoSuchBucket, SignatureDoesNotMatch) behind an fsspec error."""
+    while error is not None:
+        response = getattr(error, "response", None)  # botocore's ClientError
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return response["Error"]["Code"]
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _remote_errors(url: str) -> Iterator[None]:
+    """Refused credentials and missing buckets -> UserError; other errors (a missing file) unchanged."""
+    try:
+        yield
+    except PermissionError as error:
+        if is_local(url):
+            raise
+        code = _service_code(error) or "Forbidden"
+        raise UserError(f"{url}: access denied by the object store ({code}): check the credentials (storage_options "
+                        "key/secret, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / ~/.aws) and the endpoint") from None
+    except FileNotFoundError as error:
+        if _service_code(error) == "NoSuchBucket":
+            bucket = url.split("://", 1)[1].split("/", 1)[0]
+            raise UserError(f"{url}: bucket {bucket!r} does not exist (create it first; tokfleet never creates buckets)") from None
+        raise
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -47,14 +91,16 @@ def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
-    return fs.exists(path)
+    with _remote_errors(url):
+        return fs.exists(path)
 
 
 def size(url: str, storage_options: dict[str, Any] | None = None) -> int | None:
     """Size in bytes, or None when `url` does not exist."""
     fs, path = filesystem(url, storage_options)
     try:
-        return int(fs.size(path))
+        with _remote_errors(url):
+            return int(fs.size(path))
     except FileNotFoundError:
         return None
 
@@ -63,7 +109,8 @@ def ls(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Names (not paths) of the entries of folder `url`, sorted; [] when it does not exist."""
     fs, path = filesystem(url, storage_options)
     try:
-        entries = fs.ls(path, detail=False)
+        with _remote_errors(url):
+            entries = fs.ls(path, detail=False)
     except FileNotFoundError:
         return []
     return sorted(os.path.basename(entry.rstrip("/")) for entry in entries)
@@ -74,16 +121,34 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
         with open(local_path(url), "rb") as handle:
             return handle.read()
     fs, path = filesystem(url, storage_options)
-    return fs.cat_file(path)
+    with _remote_errors(url):
+        return fs.cat_file(path)
 
 
 def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
     return read_bytes(url, storage_options).decode("utf-8")
 
 
+@contextlib.contextmanager
+def local_file(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+    """A local path holding `url`'s bytes, for libraries that only open paths (mne, FFmpeg).
+
+    A local `url` is its own path; a remote one is downloaded into a temporary folder under its
+    own file name (readers pick the format by extension) and deleted afterwards.
+    """
+    if is_local(url):
+        yield local_path(url)
+        return
+    with tempfile.TemporaryDirectory(prefix="tokfleet-") as directory:
+        path = os.path.join(directory, os.path.basename(url.rstrip("/")) or "input")
+        with _remote_errors(url), open_url(url, "rb", storage_options) as source, open(path, "wb") as target:
+            shutil.copyfileobj(source, target, 4 << 20)
+        yield path
+
+
 def sha256_of(url: str, storage_options: dict[str, Any] | None = None, chunk_bytes: int = 4 << 20) -> str:
     digest = hashlib.sha256()
-    with open_url(url, "rb", storage_options) as handle:
+    with _remote_errors(url), open_url(url, "rb", storage_options) as handle:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
@@ -93,7 +158,8 @@ def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Delete file `url` if it exists."""
     fs, path = filesystem(url, storage_options)
     try:
-        fs.rm_file(path)
+        with _remote_errors(url):
+            fs.rm_file(path)
     except FileNotFoundError:
         pass
 
@@ -126,11 +192,13 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
         _fsync_dir(directory)
         return
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if parent and not protocols & OBJECT_STORE_PROTOCOLS:  # s3fs makedirs would create a missing bucket
         fs.makedirs(parent, exist_ok=True)
     try:
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
+        with _remote_errors(url):
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, path)
     except BaseException:
         try:
             fs.rm_file(tmp)

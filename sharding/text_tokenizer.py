@@ -123,6 +123,8 @@ def _saved_provenance(url: str, storage_options: dict[str, Any] | None) -> dict[
     try:
         provenance = json.loads(storage.read_text(storage.join(url, PROVENANCE_FILE), storage_options))
         sha256 = storage.sha256_of(storage.join(url, TOKENIZER_FILE), storage_options)
+    except UserError:  # refused credentials, missing bucket: fail now, not after training a tokenizer
+        raise
     except (FileNotFoundError, ValueError):
         return None
     return provenance if isinstance(provenance, dict) and provenance.get("sha256") == sha256 else None

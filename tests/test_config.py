@@ -123,7 +123,7 @@ def test_print_config_round_trips(tmp_path):
 def test_help_of_every_subcommand():
     result = tokfleet("--help")
     assert result.returncode == 0
-    commands = ["prepare", "train", "generate", "inspect", "models", "config-reference", "demo"]
+    commands = ["prepare", "pretokenize", "train", "generate", "eval", "inspect", "models", "config-reference", "demo"]
     for command in commands:
         assert command in result.stdout
         sub = tokfleet(command, "--help")

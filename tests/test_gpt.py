@@ -248,7 +248,8 @@ def test_full_flavor_on_meta_device_parameter_count():
 
 
 def test_rotary_matches_transformers_llama():
-    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    from transformers.models.llama import modeling_llama as llama
+
     B, T, H, Dh = 2, 10, 3, 8
     cos, sin = precompute_rotary(T, Dh)  # (T, Dh / 2)
     q, k = torch.randn(B, T, H, Dh), torch.randn(B, T, H, Dh)

@@ -37,13 +37,59 @@ def split_has_samples(manifest: Manifest, split: str) -> bool:
     return any(shard.split == split and shard.num_samples > 0 for shard in manifest.shards)
 
 
-def causal_lm_batch(tokens_BT1: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+def causal_lm_batch(fields: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """(B, T+1) packed tokens -> inputs and next-token targets, each (B, T)."""
-    tokens_BT1 = tokens_BT1.to(device, non_blocking=True)
+    tokens_BT1 = fields["tokens"].to(device, non_blocking=True)
     return {"idx": tokens_BT1[:, :-1], "targets": tokens_BT1[:, 1:]}
 
 
-TASK_BATCHES = {"causal_lm": causal_lm_batch}
+def token_chunks_batch(fields: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """(B, T+1) packed tokens -> the first T tokens (B, T) for a chunk model (TokCom), which cuts them
+    into chunks of its chunk_size (dropping a tail of T % chunk_size tokens)."""
+    return {"input_ids": fields["tokens"][:, :-1].to(device, non_blocking=True)}
+
+
+def signal_batch(fields: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """MEG/EEG windows: signal (B, C, T) float32 plus the sensors' pos (B, C, 6) and sensor_type (B, C)."""
+    return {name: fields[name].to(device, non_blocking=True) for name in ("signal", "pos", "sensor_type") if name in fields}
+
+
+def video_batch(fields: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Video clips: (B, T, H, W, 3) uint8; the model scales them."""
+    return {"video": fields["video"].to(device, non_blocking=True)}
+
+
+# model spec task -> (sample fields -> the model's keyword arguments)
+TASK_BATCHES = {"causal_lm": causal_lm_batch, "token_chunks": token_chunks_batch,
+                "signal_reconstruction": signal_batch, "video_reconstruction": video_batch}
+
+
+def num_tokens(fields: dict[str, torch.Tensor]) -> int:
+    """What throughput and MFU count in a micro-batch: the positions a token model reads (T of the
+    T+1 stored per sample), or every input value of a signal or video model (the unit of its
+    num_flops_per_token)."""
+    if "tokens" in fields:
+        batch_size, stored = fields["tokens"].shape[:2]
+        return batch_size * (stored - 1)
+    return sum(fields[name].numel() for name in ("signal", "video") if name in fields)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack each array field of the samples into one tensor (token ids become int64)."""
+    fields = {}
+    for name, first in samples[0].items():
+        if not isinstance(first, np.ndarray):
+            continue  # keys, stream positions, JSON metadata
+        shapes = {s[name].shape for s in samples}
+        if len(shapes) > 1:
+            keys = [s["__key__"] for s in samples[:4]]
+            raise UserError(f"field {name!r} has different shapes {sorted(shapes)} within one batch (samples {keys}, ...): "
+                            "prepare the dataset with one channel set (e.g. meg.channel_types) or use micro_batch_size 1")
+        array = np.stack([s[name] for s in samples])
+        if array.dtype in (np.uint16, np.uint32, np.int32):
+            array = array.astype(np.int64)
+        fields[name] = torch.from_numpy(array)
+    return fields
 
 
 def _keep_numpy(sample: dict[str, Any]) -> dict[str, Any]:
@@ -108,8 +154,8 @@ class Batches:
             self.tracker.update(sample["__stream__"], sample["__position__"])
         return sample
 
-    def next_batch(self, step: int | None = None) -> torch.Tensor:
-        """(B, T+1) int64 tokens."""
+    def next_batch(self, step: int | None = None) -> dict[str, torch.Tensor]:
+        """The micro-batch's array fields stacked, e.g. {"tokens": (B, T+1) int64}."""
         samples, epochs = [], []
         for _ in range(self.batch_size):
             samples.append(self._next_sample())
@@ -119,14 +165,14 @@ class Batches:
                 for epoch in sorted(set(epochs)):
                     keys = [s["__key__"] for s, e in zip(samples, epochs) if e == epoch]
                     handle.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
-        return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+        return collate(samples)
 
-    def take(self, num_batches: int) -> list[torch.Tensor]:
+    def take(self, num_batches: int) -> list[dict[str, torch.Tensor]]:
         """The first `num_batches` full batches of a pass, read in-process (validation: the same set every time)."""
         assert self.num_workers == 0, "take() reads in the main process"
-        tokens = [s["tokens"] for s in itertools.islice(iter(self.loader), num_batches * self.batch_size)]
+        samples = list(itertools.islice(iter(self.loader), num_batches * self.batch_size))
         size = self.batch_size
-        return [torch.from_numpy(np.stack(tokens[i:i + size]).astype(np.int64)) for i in range(0, len(tokens) - size + 1, size)]
+        return [collate(samples[i:i + size]) for i in range(0, len(samples) - size + 1, size)]
 
     def state_dict(self) -> dict[str, Any]:
         loader_state = self.tracker.state_dict() if self.num_workers else self.loader.state_dict()

@@ -35,7 +35,11 @@ def consolidated_state(directory: Path, state: dict) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         from trainer.engines.deepspeed import TAG
+        from trainer.engines.expert_parallel import consolidated_state as expert_parallel_state
 
+        experts_split = expert_parallel_state(directory, TAG)  # MoE experts split over ranks: not ZeRO's layout
+        if experts_split is not None:
+            return experts_split
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG))

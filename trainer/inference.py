@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from launch.errors import UserError
-from modeling.registry import build_model
+from modeling.registry import build_model, get_model_spec
 from trainer.checkpoint import CheckpointManager, read_trainer_state
 from trainer.engines.single import load_model_state
 
@@ -30,7 +30,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     directory = resolve_checkpoint(path)
     state = read_trainer_state(directory)
     spec = state["model"]
-    model = build_model(spec["name"], spec["flavor"], spec["args"], device=device)
+    # the checkpoint holds every weight: files that init_weights would read (a frozen stage-1 model) are not needed
+    args = {**spec["args"], **dict.fromkeys(get_model_spec(spec["name"]).weight_file_fields)}
+    model = build_model(spec["name"], spec["flavor"], args, device=device)
     try:
         model.load_state_dict(load_model_state(directory, device))
     except RuntimeError as error:

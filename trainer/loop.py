@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -15,10 +16,10 @@ from tqdm import tqdm
 
 from launch.config import TrainConfig, save_config
 from launch.errors import UserError
-from launch.schema import to_dict
+from launch.redact import public_dict
 from modeling.registry import build_model, get_model_spec, model_config
 from trainer.checkpoint import CheckpointManager, read_trainer_state
-from trainer.data import TASK_BATCHES, Batches, read_manifest, split_has_samples
+from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, split_has_samples
 from trainer import distributed
 from trainer.engines import build_engine, engine_device
 from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses
@@ -31,12 +32,19 @@ log = logging.getLogger("tokfleet.trainer")
 def resolve_model_args(cfg: TrainConfig, manifest) -> dict[str, Any]:
     """Flavor + overrides, with vocabulary and sequence length taken from the dataset."""
     args = dict(cfg.model.args)
-    args.setdefault("vocab_size", manifest.vocab_size)
-    args.setdefault("sequence_len", manifest.seq_len)
-    if args["vocab_size"] < manifest.vocab_size:
-        raise UserError(f"model.args.vocab_size={args['vocab_size']} is smaller than the dataset's vocabulary ({manifest.vocab_size})")
-    if args["sequence_len"] < manifest.seq_len:
-        raise UserError(f"model.args.sequence_len={args['sequence_len']} is shorter than the dataset's sequences ({manifest.seq_len})")
+    try:
+        fields = {field.name for field in dataclasses.fields(get_model_spec(cfg.model.name).config_cls)}
+    except ValueError as error:
+        raise UserError(f"model.name: {error}") from None
+    # token models take their vocabulary and context from the data; signal models have neither field
+    if "vocab_size" in fields and manifest.vocab_size:
+        args.setdefault("vocab_size", manifest.vocab_size)
+        if args["vocab_size"] < manifest.vocab_size:
+            raise UserError(f"model.args.vocab_size={args['vocab_size']} is smaller than the dataset's vocabulary ({manifest.vocab_size})")
+    if "sequence_len" in fields and manifest.vocab_size:
+        args.setdefault("sequence_len", manifest.seq_len)
+        if args["sequence_len"] < manifest.seq_len:
+            raise UserError(f"model.args.sequence_len={args['sequence_len']} is shorter than the dataset's sequences ({manifest.seq_len})")
     try:
         return asdict(model_config(cfg.model.name, cfg.model.flavor, args))
     except ValueError as error:
@@ -125,7 +133,7 @@ class Trainer:
             "rng": distributed.all_gather_object(rng_state()),
             "model": {"name": self.cfg.model.name, "flavor": self.cfg.model.flavor, "args": self.model_args},
             "tokenizer": "tokenizer" if (self.run_dir / "tokenizer").is_dir() else None,
-            "config": to_dict(self.cfg),
+            "config": public_dict(self.cfg),  # no credentials in checkpoints
         }
 
     def save_checkpoint(self) -> Path:
@@ -205,9 +213,8 @@ class Trainer:
         cfg = self.cfg
         is_main = self.is_main
         peak_flops = cfg.engine.peak_flops or measure_peak_flops(self.device)
-        metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg), is_main)
+        metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name, public_dict(cfg), is_main)
         accum = cfg.optim.grad_accum_steps
-        tokens_per_step = cfg.optim.micro_batch_size * accum * self.manifest.seq_len * self.engine.world_size
         last_stop = self.stop_at_step if self.stop_at_step is not None else cfg.run.max_steps
         last_stop = min(last_stop, cfg.run.max_steps)
         progress = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", unit="step",
@@ -218,16 +225,17 @@ class Trainer:
         while self.step < last_stop:
             start = time.perf_counter()
             lr = self.engine.lr
-            losses = []
+            losses, step_tokens = [], 0
             for _ in range(accum):
-                tokens = self.train_batches.next_batch(self.step + 1)
-                losses.append(self.engine.forward_backward(self.to_batch(tokens, self.device), 1.0 / accum))
+                fields = self.train_batches.next_batch(self.step + 1)
+                step_tokens += num_tokens(fields) * self.engine.world_size  # every rank's micro-batch has this shape
+                losses.append(self.engine.forward_backward(self.to_batch(fields, self.device), 1.0 / accum))
             grad_norm = self.engine.optimizer_step()
             window_losses.append(torch.stack(losses).mean())
             self.step += 1
-            self.tokens_seen += tokens_per_step
+            self.tokens_seen += step_tokens
             self.samples_seen += cfg.optim.micro_batch_size * accum * self.engine.world_size
-            window_tokens += tokens_per_step
+            window_tokens += step_tokens
             window_time += time.perf_counter() - start
             progress.update(1)
 

@@ -77,7 +77,7 @@ def test_trainer_overhead_vs_bare_loop(text_dataset, tmp_path):
     probe = Trainer(cfg)
     seq_len, vocab_size = probe.manifest.seq_len, probe.manifest.vocab_size
     flops_per_token = probe.flops_per_token
-    batches = [probe.train_batches.next_batch() for _ in range(8)]
+    batches = [probe.train_batches.next_batch()["tokens"] for _ in range(8)]
     del probe
 
     trainer_times, bare_times = [], []

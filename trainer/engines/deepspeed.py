@@ -27,6 +27,7 @@ from torch import nn
 
 from launch.config import EngineConfig, OptimConfig
 from launch.errors import UserError
+from trainer.engines import expert_parallel
 from trainer.optim import build_scheduler, param_groups
 
 TAG = "deepspeed"  # the folder DeepSpeed writes its shards to inside our checkpoint folder
@@ -99,6 +100,55 @@ def deepspeed_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig, world_siz
     return config
 
 
+class _MappedModelStates:
+    """DeepSpeed's checkpoint engine for one load, with the model-states file memory-mapped.
+
+    DeepSpeed 0.19 reads `mp_rank_00_model_states.pt` whole twice per load (SDLoaderBase.check_ckpt_list
+    only wants its `mp_world_size`, then the load proper) before copying it into the module: 1.8x the
+    time of a plain torch.load of the same bytes (tests/bench). Mapped, the two reads cost the pickle
+    only, and the copy into the module reads the page cache once. Optimizer partitions are read whole:
+    their tensors become the optimizer's state, which must not stay backed by a checkpoint file."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def load(self, path: str, map_location=None):
+        if str(path).endswith("_model_states.pt"):
+            return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        return self.engine.load(path, map_location=map_location)
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+@contextlib.contextmanager
+def _mapped_model_states(ds):
+    ds.checkpoint_engine, original = _MappedModelStates(ds.checkpoint_engine), ds.checkpoint_engine
+    try:
+        yield
+    finally:
+        ds.checkpoint_engine = original
+
+
+def _share_master_weights(optimizer) -> None:
+    """ZeRO-3 without mixed precision: let the optimizer update the parameter partitions in place.
+
+    When the partitions already have the master weights' dtype and device, DeepSpeed 0.19 means to use
+    them as the master weights (stage3.py, _create_fp32_partitions: "we don't need another copy"), but
+    it compares a tensor's torch.device with the accelerator's device *name*, a str, which is never
+    equal, so every fp32 run holds a second copy: 4/W bytes per parameter, a fifth of ZeRO-3's
+    bookkeeping (tests/bench). Done before the first step, while no optimizer state refers to the copies."""
+    if getattr(optimizer, "offload_optimizer", False) or getattr(optimizer, "swap_optimizer", False):
+        return
+    masters = optimizer.fp32_partitioned_groups_flat
+    for index, (partition, master) in enumerate(zip(optimizer.fp16_partitioned_groups_flat, masters)):
+        if partition is None or partition is master or (partition.dtype, partition.device) != (master.dtype, master.device):
+            continue
+        assert master not in optimizer.optimizer.state, "master weights shared after the first optimizer step"
+        partition.ds_id, partition.requires_grad = master.ds_id, True
+        masters[index] = partition
+
+
 @contextlib.contextmanager
 def _quiet():
     """DeepSpeed logs every init/save/load step at INFO on every rank."""
@@ -121,8 +171,12 @@ class DeepSpeedEngine:
         self.optim_cfg = optim_cfg
         self.config = deepspeed_config(engine_cfg, optim_cfg, world_size, device)
         self.zero_stage = self.config["zero_optimization"]["stage"]
+        # MoE experts split over engine.expert_parallel_size ranks (None: every rank holds all experts)
+        self.experts = expert_parallel.setup_expert_parallel(self.model, engine_cfg.expert_parallel_size, world_size, self.zero_stage)
         with _quiet():
             self.ds, self.optimizer, self.scheduler = self._initialize(max_steps)
+        if self.zero_stage == 3:
+            _share_master_weights(self.ds.optimizer)
         self.rank, self.world_size = self.ds.global_rank, self.ds.world_size
         self.num_micro_batches = optim_cfg.grad_accum_steps
         self._micro_batch = 0
@@ -131,17 +185,23 @@ class DeepSpeedEngine:
         """(DeepSpeed engine, its optimizer, its LR scheduler)."""
         import deepspeed  # heavy; only runs that use it pay for the import
 
-        ds, optimizer, _, scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=param_groups(self.model, self.optim_cfg), config=self.config,
-            lr_scheduler=lambda optimizer: build_scheduler(optimizer, self.optim_cfg, max_steps),
-            dist_init_required=False,
-        )
+        parameters = param_groups(self.model, self.optim_cfg)
+        moe = contextlib.nullcontext()
+        if self.experts is not None:
+            parameters, moe = self.experts.param_groups(parameters), self.experts.recognized_by_deepspeed()
+        with moe:
+            ds, optimizer, _, scheduler = deepspeed.initialize(
+                model=self.model, model_parameters=parameters, config=self.config,
+                lr_scheduler=lambda optimizer: build_scheduler(optimizer, self.optim_cfg, max_steps),
+                dist_init_required=False,
+            )
         return ds, optimizer, scheduler
 
     def describe(self) -> dict[str, Any]:
         return {"zero_stage": self.zero_stage, "precision": "bf16" if "bf16" in self.config else "fp16" if "fp16" in self.config else "fp32",
                 "offload_optimizer": bool(self.config["zero_optimization"].get("offload_optimizer")),
-                "offload_params": bool(self.config["zero_optimization"].get("offload_param"))}
+                "offload_params": bool(self.config["zero_optimization"].get("offload_param")),
+                "expert_parallel_size": self.experts.ep_size if self.experts is not None else 1}
 
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
         """One micro-batch. DeepSpeed divides the loss by the accumulation steps itself (`loss_scale`
@@ -176,12 +236,15 @@ class DeepSpeedEngine:
 
     def save_checkpoint(self, directory: Path) -> None:
         """Collective: every rank writes its ZeRO partition under directory/deepspeed/."""
-        with _quiet(), contextlib.redirect_stdout(io.StringIO()):
+        experts = self.experts.saving(directory) if self.experts is not None else contextlib.nullcontext()
+        with _quiet(), contextlib.redirect_stdout(io.StringIO()), experts:  # experts: their own files (expert_parallel.py)
             self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
     def load_checkpoint(self, directory: Path, saved_world_size: int) -> None:
         """Collective. At another world size, loads the universal (resharded) form of the checkpoint."""
         tag = TAG
+        expert_parallel.check_resume(directory, self.model, self.experts, saved_world_size, self.world_size)
+        load_module = None if self.experts is None else self.experts.module_loader(self.experts.local_experts(directory))
         elastic = saved_world_size != self.world_size and self.zero_stage > 0
         if elastic:
             from trainer.engines.reshard import universal_checkpoint
@@ -192,9 +255,10 @@ class DeepSpeedEngine:
         hyperparameters = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                            for g in self.optimizer.param_groups]
         try:
-            with _quiet(), contextlib.redirect_stdout(io.StringIO()):
+            with _quiet(), contextlib.redirect_stdout(io.StringIO()), _mapped_model_states(self.ds):
                 path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                  custom_load_fn=load_module)
         except (AssertionError, RuntimeError, FileNotFoundError, KeyError, ValueError, EOFError) as error:
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise UserError(f"checkpoint {directory}: DeepSpeed could not load it: {first_line}") from None
@@ -226,4 +290,5 @@ class DeepSpeedEngine:
 
         params = dict(self.model.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values()), enabled=self.zero_stage == 3):
-            return {name: param.detach().float().cpu().clone() for name, param in params.items()}
+            state = {name: param.detach().float().cpu().clone() for name, param in params.items()}
+        return state if self.experts is None else self.experts.full_state_dict(state)

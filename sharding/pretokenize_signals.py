@@ -1,0 +1,284 @@
+"""`tokfleet pretokenize`: a trained tokenizer over raw MEG/EEG or video shards -> token shards + manifest.
+
+    raw manifest (prepare's) -> groups of shards.raw_shards_per_shard consecutive raw shards of one split
+    -> a Ray Data actor pool (actors.num_actors replicas of the tokenizer, each loaded once, with
+       actors.num_cpus / num_gpus): per group, read the raw shards, tokenize neighbouring samples of
+       one shape in batches of actors.batch_size, write `{name}-{index:06d}.tar` atomically, then its
+       sidecar (sharding.shard_build: the same resumable building as `tokfleet prepare`)
+    -> manifest.json last, with the tokenizer's provenance (checkpoint, sha256 of its weights, model
+       name/flavor/args, codebook size, levels).
+
+A token sample has the raw sample's `__key__` (the key names the source file and position, so
+the two datasets line up sample for sample), `tokens.npy` (uint16 when the codebook fits, else
+int32), `origin.json` ({"shard": raw shard, "key": raw key}) and what decoding needs: for MEG the
+raw `norm_center`/`norm_scale` (prepare's per-channel normalisation), `pos`, `sensor_type` and
+`meta.json`, plus TOTEM's RevIN `revin_mean`/`revin_std` (C,); for video the raw `meta.json`.
+A token shard's build id covers the tokenizer weights' sha256 and the raw shards' sha256s: a
+re-run rebuilds exactly the shards whose inputs changed or that are missing. A raw shard that is
+missing or differs from its manifest is skipped and listed (`--strict`: an error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from launch.config import PretokenizeConfig
+from launch.errors import UserError
+from sharding import storage
+from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord, SkippedInput
+from sharding.prepare_signals import _fields_of, merge_shapes
+from sharding.shard_build import (
+    ActorPool,
+    build_id,
+    build_on_ray,
+    check_shard_name,
+    complete_sidecar,
+    finish_manifest,
+    sidecar_name,
+    tidy_output,
+)
+from sharding.shards import decode_sample, shard_name, split_samples, write_shard
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "tokfleet pretokenize (sharding.pretokenize_signals)"
+TOKENIZE_VERSION = 1  # bump when the token samples change for the same tokenizer and raw shards
+COPIED_FIELDS = {"meg_windows": ("norm_center.npy", "norm_scale.npy", "pos.npy", "sensor_type.npy", "meta.json"),
+                 "video_clips": ("meta.json",)}
+
+
+@dataclass
+class TokenShardSpec:
+    """Everything an actor needs to build one token shard (JSON-serializable)."""
+
+    index: int
+    shard: str
+    url: str
+    sidecar_url: str
+    build_id: str
+    split: str
+    raw_shards: list[dict[str, Any]]  # {"name", "url", "sha256", "sources"}
+
+
+class ShardTokenizer:
+    """A Ray Data actor's builder: loads the tokenizer once, then turns one spec's raw shards into a token shard."""
+
+    def __init__(self, checkpoint: str, device: str, batch_size: int, num_threads: int,
+                 input_options: dict[str, Any], output_options: dict[str, Any]):
+        import torch
+
+        from trainer.tokenizer_runner import TokenizerRunner, describe_checkpoint
+
+        torch.set_num_threads(max(1, num_threads))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.runner = TokenizerRunner(describe_checkpoint(checkpoint), device)
+        self.batch_size = batch_size
+        self.input_options, self.output_options = input_options, output_options
+
+    def __call__(self, fields: dict[str, Any]) -> dict[str, Any]:
+        from trainer.tokenizer_runner import same_shape_batches
+
+        spec = TokenShardSpec(**fields)
+        kind = self.runner.info.input_kind
+        start = time.perf_counter()
+        token_samples, used, skipped = [], [], []
+        for raw in spec.raw_shards:
+            try:
+                data = storage.read_bytes(raw["url"], self.input_options)
+            except FileNotFoundError:
+                skipped.append(asdict(SkippedInput(raw["name"], "raw shard missing")))
+                continue
+            if hashlib.sha256(data).hexdigest() != raw["sha256"]:
+                skipped.append(asdict(SkippedInput(raw["name"], "raw shard differs from its manifest (sha256)")))
+                continue
+            samples = [decode_sample(key, members) for key, members in split_samples(data)]
+            for batch in same_shape_batches(samples, self.runner.field_name, self.batch_size):
+                for sample, tokens in zip(batch, self.runner.tokenize(batch)):
+                    token_sample = {"__key__": sample["__key__"], "origin.json": {"shard": raw["name"], "key": sample["__key__"]}}
+                    token_sample.update((f"{name}.npy", value) for name, value in tokens.items())
+                    for copied in COPIED_FIELDS[kind]:
+                        token_sample[copied] = sample[copied.rsplit(".", 1)[0]]
+                    token_samples.append(token_sample)
+            used.append(raw)
+        written = write_shard(spec.url, token_samples, self.output_options)
+        sidecar = {
+            "format_version": FORMAT_VERSION,
+            "shard": spec.shard,
+            "build_id": spec.build_id,
+            "num_samples": written.num_samples,
+            "num_bytes": written.num_bytes,
+            "sha256": written.sha256,
+            "raw_shards": [raw["name"] for raw in used],
+            "sources": [source for raw in used for source in raw["sources"]],
+            "num_tokens": int(sum(s["tokens.npy"].size for s in token_samples)),
+            "skipped": skipped,
+            "fields": _fields_of(token_samples),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), self.output_options)
+        return sidecar
+
+
+# ------------------------------------------------------------------- driver
+
+
+def _shard_specs(cfg: PretokenizeConfig, raw: Manifest, weights_sha256: str) -> list[TokenShardSpec]:
+    """Raw shards in manifest order, in runs of up to raw_shards_per_shard of one split: with 1 and
+    every split, token shard i is tokenized raw shard i."""
+    groups: list[list[ShardRecord]] = []
+    for record in raw.shards:
+        if record.split not in cfg.input.splits:
+            continue
+        if groups and groups[-1][0].split == record.split and len(groups[-1]) < cfg.shards.raw_shards_per_shard:
+            groups[-1].append(record)
+        else:
+            groups.append([record])
+    specs = []
+    for index, group in enumerate(groups):
+        split = group[0].split
+        name = shard_name(cfg.shards.name, index)
+        identity = {
+            "format_version": FORMAT_VERSION,
+            "tokenize_version": TOKENIZE_VERSION,
+            "name": cfg.shards.name,
+            "index": index,
+            "split": split,
+            "tokenizer_sha256": weights_sha256,
+            "raw_shards": [[record.name, record.sha256] for record in group],
+        }
+        specs.append(TokenShardSpec(
+            index=index,
+            shard=name,
+            url=storage.join(cfg.shards.output, name),
+            sidecar_url=storage.join(cfg.shards.output, sidecar_name(name)),
+            build_id=build_id(identity),
+            split=split,
+            raw_shards=[{"name": record.name, "url": storage.join(cfg.input.dataset, record.name),
+                         "sha256": record.sha256, "sources": record.sources} for record in group],
+        ))
+    return specs
+
+
+@dataclass
+class PretokenizeReport:
+    """What a pretokenize run made: the manifest, and what this run itself built (for the summary line)."""
+
+    manifest: Manifest
+    output: str
+    unit: str  # "windows" or "clips"
+    num_built_shards: int
+    num_built_samples: int
+    num_built_bytes: int
+    build_seconds: float
+
+    def summary(self) -> str:
+        manifest = self.manifest
+        train, val = manifest.num_samples("train"), manifest.num_samples("val")
+        num_bytes = sum(shard.num_bytes for shard in manifest.shards)
+        line = (f"token dataset {self.output}: {manifest.sources['num_raw_shards']} raw shards of {manifest.stats['num_files']} files "
+                f"-> {train} train + {val} val {self.unit} ({manifest.stats['num_tokens']} tokens) in {len(manifest.shards)} shards, "
+                f"{num_bytes / 1e6:.1f} MB, {len(manifest.skipped)} raw shards skipped; ")
+        if self.num_built_shards == 0:
+            return line + "nothing to build (all shards complete)"
+        seconds = max(self.build_seconds, 1e-9)
+        return line + (f"built {self.num_built_shards} shards in {self.build_seconds:.1f} s "
+                       f"({self.num_built_samples / seconds:.1f} {self.unit}/s, {self.num_built_bytes / 1e6 / seconds:.2f} MB/s)")
+
+
+def pretokenize_signals(cfg: PretokenizeConfig, progress: bool = True, strict: bool = False) -> PretokenizeReport:
+    """Build (or complete) the token dataset of `cfg` at `cfg.shards.output`."""
+    from trainer.tokenizer_runner import TOKEN_KINDS, describe_checkpoint
+
+    check_shard_name(cfg.shards.name)
+    output, output_options = cfg.shards.output, cfg.shards.storage_options
+    info = describe_checkpoint(cfg.tokenizer.checkpoint)
+    raw = Manifest.read(cfg.input.dataset, cfg.input.storage_options)
+    info.check_dataset(raw, cfg.input.dataset)
+    if not any(raw.shards_of(split) for split in cfg.input.splits):
+        raise UserError(f"input.splits: {cfg.input.dataset} has no shards in {cfg.input.splits}")
+
+    specs = _shard_specs(cfg, raw, info.weights_sha256)
+    tidy_output(output, cfg.shards.name, len(specs), output_options)
+    sidecars: dict[int, dict[str, Any]] = {}
+    for spec in specs:
+        sidecar = complete_sidecar(spec.url, spec.sidecar_url, spec.build_id, output_options)
+        if sidecar is not None:
+            sidecars[spec.index] = sidecar
+    to_build = [spec for spec in specs if spec.index not in sidecars]
+    log.info("%d of %d token shards complete, building %d", len(sidecars), len(specs), len(to_build))
+    built = []
+    start = time.perf_counter()
+    if to_build:
+        from sharding.ray_runtime import init_ray
+
+        init_ray(cfg.ray)  # before the clock starts: throughput counts tokenizing, not Ray's start
+        start = time.perf_counter()
+        actors = cfg.actors
+        pool = ActorPool(ShardTokenizer, {
+            "checkpoint": str(info.directory), "device": cfg.tokenizer.device, "batch_size": actors.batch_size,
+            "num_threads": max(1, int(actors.num_cpus)), "input_options": cfg.input.storage_options,
+            "output_options": output_options,
+        }, num_actors=min(actors.num_actors, len(to_build)), num_cpus=actors.num_cpus, num_gpus=actors.num_gpus)
+        by_shard = {spec.shard: spec.index for spec in to_build}
+        for sidecar in build_on_ray([asdict(spec) for spec in to_build], pool, cfg.ray, progress=progress,
+                                    desc=f"pretokenize {info.name}"):
+            sidecars[by_shard[sidecar["shard"]]] = sidecar
+            built.append(sidecar)
+    build_seconds = time.perf_counter() - start
+
+    manifest = _assemble_manifest(cfg, raw, info, specs, sidecars, TOKEN_KINDS[raw.kind])
+    finish_manifest(manifest, output, output_options, strict=strict)
+    unit = "windows" if raw.kind == "meg_windows" else "clips"
+    return PretokenizeReport(manifest, output, unit, len(built), sum(s["num_samples"] for s in built),
+                             sum(s["num_bytes"] for s in built), build_seconds)
+
+
+def _assemble_manifest(cfg: PretokenizeConfig, raw: Manifest, info: Any, specs: list[TokenShardSpec],
+                       sidecars: dict[int, dict[str, Any]], kind: str) -> Manifest:
+    shards, skipped = [], []
+    fields: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        sidecar = sidecars[spec.index]
+        shards.append(ShardRecord(spec.shard, spec.split, sidecar["num_samples"], sidecar["num_bytes"], sidecar["sha256"],
+                                  sidecar["sources"]))
+        skipped.extend(SkippedInput(**entry) for entry in sidecar["skipped"])
+        for name, field in sidecar["fields"].items():
+            merged = fields.setdefault(name, dict(field))
+            if "shape" in field:
+                merged["shape"] = merge_shapes(merged["shape"], field["shape"])
+    for name, field in raw.fields.items():  # the raw notes (units, sensor type ids) still hold
+        if name in fields:
+            fields[name].update({key: value for key, value in field.items() if key not in ("dtype", "shape")})
+    if "tokens.npy" in fields:
+        fields["tokens.npy"]["values"] = f"codes in [0, {info.codebook_size})" + (
+            f", last axis: {info.num_levels} RVQ levels" if info.num_levels > 1 else "")
+    num_samples = {split: sum(s.num_samples for s in shards if s.split == split) for split in ("train", "val")}
+    num_tokens = sum(sidecar["num_tokens"] for sidecar in sidecars.values())
+    config = asdict(cfg)
+    config["input"].pop("storage_options", None)  # may hold credentials
+    config["shards"].pop("storage_options", None)
+    config.pop("ray", None)  # how it ran, not what it made
+    config.pop("actors", None)
+    token_shape = fields.get("tokens.npy", {}).get("shape", [])
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        name=cfg.shards.name,
+        kind=kind,
+        seq_len=int(token_shape[1] if kind == "meg_tokens" else token_shape[0]) if token_shape else 0,
+        vocab_size=info.codebook_size,
+        fields=dict(sorted(fields.items())),
+        shards=shards,
+        tokenizer=info.provenance(),
+        sources={"dataset": cfg.input.dataset, "kind": raw.kind, "manifest_sha256": raw.fingerprint(),
+                 "num_raw_shards": sum(len(spec.raw_shards) for spec in specs)},
+        skipped=sorted(skipped, key=lambda entry: entry.path),
+        stats={"num_files": len({s for shard in shards for s in shard.sources}), "num_samples": num_samples,
+               "num_tokens": num_tokens, "num_bytes": sum(s.num_bytes for s in shards)},
+        created_by={"program": PROGRAM, "config": config},
+    )

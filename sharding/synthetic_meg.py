@@ -1,0 +1,87 @@
+"""Synthetic MEG + EEG recordings for tests and demos (no real recording installs from a registry).
+
+Real sensor geometry (mne's Neuromag-306 coil definitions and the standard 10-20 EEG montage,
+both shipped inside mne), realistic content: a 1/f background per channel, alpha (10 Hz) bursts
+shared across channels with per-channel gains, and 50 Hz line noise; amplitudes in SI units of
+each channel type (T, T/m, V).
+
+    python -m sharding.synthetic_meg OUT_DIR [--num-recordings 6] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+EEG_CHANNELS = ("Fz", "Cz", "Pz", "Oz", "C3", "C4", "O1", "O2")
+AMPLITUDE = {"mag": 2e-13, "grad": 5e-12, "eeg": 2e-5}  # typical background levels: T, T/m, V
+
+
+def pink_noise(rng: np.random.Generator, num_channels: int, num_times: int, sfreq: float) -> np.ndarray:
+    """(C, N) noise with a 1/f power spectrum, unit standard deviation per channel."""
+    spectrum = np.fft.rfft(rng.standard_normal((num_channels, num_times)), axis=1)
+    freqs = np.fft.rfftfreq(num_times, 1 / sfreq)
+    freqs[0] = freqs[1]
+    x = np.fft.irfft(spectrum / np.sqrt(freqs), n=num_times, axis=1)
+    return x / x.std(axis=1, keepdims=True)
+
+
+def make_raw(seconds: float = 10.0, sfreq: float = 1000.0, seed: int = 0, num_triplets: int = 8,
+             eeg_channels: tuple[str, ...] = EEG_CHANNELS, head_shift_m: float = 0.0) -> object:
+    """An mne RawArray of `num_triplets` Neuromag sensor triplets (1 mag + 2 grads each) plus EEG.
+
+    `head_shift_m` moves the head along z in the device frame (device->head transform), as a
+    real head position would.
+    """
+    import mne
+
+    rng = np.random.default_rng(seed)
+    info = mne.pick_info(mne.channels.read_meg_canonical_info("neuromag", verbose="error"), list(range(3 * num_triplets)))
+    trans = np.eye(4)
+    trans[2, 3] = -head_shift_m
+    info["dev_head_t"] = mne.transforms.Transform("meg", "head", trans)
+    num_times = int(round(seconds * sfreq))
+    t = np.arange(num_times) / sfreq
+    envelope = np.clip(np.sin(2 * np.pi * 0.25 * t + rng.uniform(0, 2 * np.pi)), 0, None) ** 2  # bursts
+    alpha = envelope * np.sin(2 * np.pi * (10.0 + rng.uniform(-0.5, 0.5)) * t)
+    line = np.sin(2 * np.pi * 50.0 * t)
+
+    def channels(kinds: list[str]) -> np.ndarray:
+        scale = np.array([AMPLITUDE[kind] for kind in kinds])[:, None]
+        gains = rng.uniform(0.3, 1.5, size=(len(kinds), 1))
+        return scale * (pink_noise(rng, len(kinds), num_times, sfreq) + gains * alpha + 0.3 * line)
+
+    raw = mne.io.RawArray(channels(info.get_channel_types()), info, verbose="error")
+    if eeg_channels:
+        eeg = mne.io.RawArray(channels(["eeg"] * len(eeg_channels)), mne.create_info(list(eeg_channels), sfreq, "eeg"), verbose="error")
+        eeg.set_montage("standard_1020", verbose="error")
+        raw.add_channels([eeg], force_update_info=True)
+    return raw
+
+
+def write_recordings(directory: str, num_recordings: int = 6, seconds: float = 20.0) -> list[str]:
+    """`rec-XX_raw.fif` files of slightly different lengths and head positions; their paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for index in range(num_recordings):
+        path = os.path.join(directory, f"rec-{index:02d}_raw.fif")
+        raw = make_raw(seconds=seconds + index, seed=index, head_shift_m=0.01 * index)
+        raw.save(path, overwrite=True, verbose="error")
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--num-recordings", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    paths = write_recordings(args.out_dir, args.num_recordings, args.seconds)
+    print(f"wrote {len(paths)} recordings to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
