@@ -44,7 +44,7 @@ from modeling.flatgpt_layers import (
     MIX_METHODS, ChannelHead, EmbeddingCorruptor, JointRVQHead, ListEmbedding, MixEmbedding, MixHead,
     MixQuantizerEmbedding, MixRVQHead, QuantizerEmbedding, TiedHead, TiedRVQHead, TokenEmbedding, corrupt_tokens,
 )
-from modeling.gpt import _sample
+from modeling.layers import sample_tokens
 from modeling.hf_backbones import HFBackbone, backbone_config, backbone_spec
 from modeling.moe import MoEFields, moe_aux_loss
 from modeling.registry import ModelSpec, register_model
@@ -380,7 +380,7 @@ class FlatGPT(nn.Module):
                     window_start += shift
                 cache = self.make_cache() if use_cache else None
                 logits = self(sequence[:, window_start:], cache=cache)[:, -1]  # (B, ..., V)
-            new = _sample(logits.reshape(-1, logits.size(-1)), temperature, top_k, generator).view(logits.shape[:-1])
+            new = sample_tokens(logits.reshape(-1, logits.size(-1)), temperature, top_k, generator).view(logits.shape[:-1])
             sequence = torch.cat([sequence, new[:, None]], dim=1)
             if sequence.size(1) - window_start >= self.max_positions:
                 logits = None  # the grid is full: shift the window

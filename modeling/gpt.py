@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modeling.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from modeling.layers import RMSNorm, RotaryEmbedding, apply_rotary, sample_tokens
 from modeling.moe import MoEFields, MoEMLP, moe_aux_loss, num_idle_expert_params
 from modeling.registry import ModelSpec, register_model
 
@@ -323,25 +323,11 @@ class GPT(nn.Module):
         logits = self(idx, kv_cache=kv_cache)[:, -1, :]  # (B, V)
         new_tokens = []
         for step in range(max_new_tokens):
-            next_token = _sample(logits, temperature, top_k, generator)  # (B, 1)
+            next_token = sample_tokens(logits, temperature, top_k, generator)  # (B, 1)
             new_tokens.append(next_token)
             if step < max_new_tokens - 1:
                 logits = self(next_token, kv_cache=kv_cache)[:, -1, :]
         return torch.cat([idx, *new_tokens], dim=1)
-
-
-def _sample(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> torch.Tensor:
-    """logits (B, V) -> token ids (B, 1)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 GPT_FLAVORS = {

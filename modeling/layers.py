@@ -82,3 +82,17 @@ class RotaryEmbedding(nn.Module):
                 f"(the config's sequence_len)"
             )
         return self.cos[start_pos:end_pos], self.sin[start_pos:end_pos]
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits (B, V) -> token ids (B, 1): greedy at temperature 0, else sampled from the top_k (None: all)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

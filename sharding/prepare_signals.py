@@ -90,7 +90,7 @@ class SignalShardSpec:
     documents: list[dict[str, Any]]  # Document fields
 
 
-def _fields_of(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def fields_of(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{field: {"dtype", "shape"}} of `samples`' arrays; a dimension that differs between samples is None."""
     fields: dict[str, dict[str, Any]] = {}
     for sample in samples:
@@ -143,7 +143,7 @@ def build_signal_shard(fields: dict[str, Any], storage_options: dict[str, Any] |
         "sources": used,
         "samples_per_source": counts,
         "skipped": skipped,
-        "fields": _fields_of(samples),
+        "fields": fields_of(samples),
         "seconds": round(time.perf_counter() - start, 3),
     }
     storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), storage_options)

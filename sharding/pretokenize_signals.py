@@ -31,7 +31,7 @@ from launch.config import PretokenizeConfig
 from launch.errors import UserError
 from sharding import storage
 from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord, SkippedInput
-from sharding.prepare_signals import _fields_of, merge_shapes
+from sharding.prepare_signals import fields_of, merge_shapes
 from sharding.shard_build import (
     ActorPool,
     build_id,
@@ -118,7 +118,7 @@ class ShardTokenizer:
             "sources": [source for raw in used for source in raw["sources"]],
             "num_tokens": int(sum(s["tokens.npy"].size for s in token_samples)),
             "skipped": skipped,
-            "fields": _fields_of(token_samples),
+            "fields": fields_of(token_samples),
             "seconds": round(time.perf_counter() - start, 3),
         }
         storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), self.output_options)

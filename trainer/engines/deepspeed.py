@@ -19,6 +19,7 @@ import copy
 import io
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,18 @@ def _mapped_model_states(ds):
         ds.checkpoint_engine = original
 
 
+def _unlink_shm_workspace(rank: int) -> None:
+    """Collective. DeepSpeed's CPU shared-memory allreduce (ops/csrc/cpu/comm/shm.cpp) gives every rank a
+    69 MB /dev/shm object named after MASTER_ADDR/MASTER_PORT and never removes it: each CPU run left
+    69 MB x ranks of RAM behind. Once deepspeed.initialize has returned on every rank, every rank has
+    mapped every peer's object, so the names can go; the mappings live on until the processes exit."""
+    from trainer import distributed
+
+    distributed.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def _share_master_weights(optimizer) -> None:
     """ZeRO-3 without mixed precision: let the optimizer update the parameter partitions in place.
 
@@ -177,6 +190,8 @@ class DeepSpeedEngine:
             self.ds, self.optimizer, self.scheduler = self._initialize(max_steps)
         if self.zero_stage == 3:
             _share_master_weights(self.ds.optimizer)
+        if device.type == "cpu":
+            _unlink_shm_workspace(self.ds.global_rank)
         self.rank, self.world_size = self.ds.global_rank, self.ds.world_size
         self.num_micro_batches = optim_cfg.grad_accum_steps
         self._micro_batch = 0
