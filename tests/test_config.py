@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.config import PrepareConfig, TrainConfig, load_config
+from launch.config import PrepareConfig, PretokenizeConfig, TrainConfig, load_config
 from launch.schema import ConfigError, describe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def test_shipped_configs_validate():
     paths = [p for p in sorted((REPO / "configs").rglob("*.yaml")) if p.parent.name != "accelerate"]
     assert paths
     for path in paths:
-        cls = PrepareConfig if "prepare" in path.name else TrainConfig
+        cls = PretokenizeConfig if "pretokenize" in path.name else PrepareConfig if "prepare" in path.name else TrainConfig
         load_config(path, cls)
 
 
