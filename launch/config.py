@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from launch.schema import ConfigError, apply_overrides, from_dict, option, to_dict
+from launch.schema import ConfigError, apply_overrides, from_dict, option
 
 # ---------------------------------------------------------------- train config
 

@@ -36,7 +36,9 @@ from sharding.shard_build import (
     build_id,
     build_on_ray,
     check_shard_name,
-    complete_sidecar,
+    complete_sidecars,
+
+    shard_sidecar,
     created_by,
     finish_manifest,
     group_documents,
@@ -133,19 +135,14 @@ def build_signal_shard(fields: dict[str, Any], storage_options: dict[str, Any] |
         used.append(source)
         counts.append(len(file_samples))
     written = write_shard(spec.url, samples, storage_options)
-    sidecar = {
-        "format_version": FORMAT_VERSION,
-        "shard": spec.shard,
-        "build_id": spec.build_id,
-        "num_samples": written.num_samples,
-        "num_bytes": written.num_bytes,
-        "sha256": written.sha256,
-        "sources": used,
-        "samples_per_source": counts,
-        "skipped": skipped,
-        "fields": fields_of(samples),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    sidecar = shard_sidecar(
+        spec, written,
+        sources=used,
+        samples_per_source=counts,
+        skipped=skipped,
+        fields=fields_of(samples),
+        seconds=round(time.perf_counter() - start, 3),
+    )
     storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), storage_options)
     return sidecar
 
@@ -241,11 +238,7 @@ def prepare_signals(cfg: PrepareConfig, progress: bool = True, strict: bool = Fa
 
     specs = _shard_specs(cfg, groups)
     tidy_output(output, shards_cfg.name, len(specs), storage_options)
-    sidecars: dict[int, dict[str, Any]] = {}
-    for spec in specs:
-        sidecar = complete_sidecar(spec.url, spec.sidecar_url, spec.build_id, storage_options)
-        if sidecar is not None:
-            sidecars[spec.index] = sidecar
+    sidecars = complete_sidecars(specs, storage_options)
     to_build = [spec for spec in specs if spec.index not in sidecars]
     log.info("%d of %d shards complete, building %d", len(sidecars), len(specs), len(to_build))
     built = []

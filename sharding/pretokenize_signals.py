@@ -37,7 +37,9 @@ from sharding.shard_build import (
     build_id,
     build_on_ray,
     check_shard_name,
-    complete_sidecar,
+    complete_sidecars,
+
+    shard_sidecar,
     finish_manifest,
     sidecar_name,
     tidy_output,
@@ -107,20 +109,15 @@ class ShardTokenizer:
                     token_samples.append(token_sample)
             used.append(raw)
         written = write_shard(spec.url, token_samples, self.output_options)
-        sidecar = {
-            "format_version": FORMAT_VERSION,
-            "shard": spec.shard,
-            "build_id": spec.build_id,
-            "num_samples": written.num_samples,
-            "num_bytes": written.num_bytes,
-            "sha256": written.sha256,
-            "raw_shards": [raw["name"] for raw in used],
-            "sources": [source for raw in used for source in raw["sources"]],
-            "num_tokens": int(sum(s["tokens.npy"].size for s in token_samples)),
-            "skipped": skipped,
-            "fields": fields_of(token_samples),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
+        sidecar = shard_sidecar(
+            spec, written,
+            raw_shards=[raw["name"] for raw in used],
+            sources=[source for raw in used for source in raw["sources"]],
+            num_tokens=int(sum(s["tokens.npy"].size for s in token_samples)),
+            skipped=skipped,
+            fields=fields_of(token_samples),
+            seconds=round(time.perf_counter() - start, 3),
+        )
         storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), self.output_options)
         return sidecar
 
@@ -205,11 +202,7 @@ def pretokenize_signals(cfg: PretokenizeConfig, progress: bool = True, strict: b
 
     specs = _shard_specs(cfg, raw, info.weights_sha256)
     tidy_output(output, cfg.shards.name, len(specs), output_options)
-    sidecars: dict[int, dict[str, Any]] = {}
-    for spec in specs:
-        sidecar = complete_sidecar(spec.url, spec.sidecar_url, spec.build_id, output_options)
-        if sidecar is not None:
-            sidecars[spec.index] = sidecar
+    sidecars = complete_sidecars(specs, output_options)
     to_build = [spec for spec in specs if spec.index not in sidecars]
     log.info("%d of %d token shards complete, building %d", len(sidecars), len(specs), len(to_build))
     built = []

@@ -35,7 +35,9 @@ from sharding.shard_build import (  # verify_dataset: re-exported, callers impor
     build_id,
     build_on_ray,
     check_shard_name,
-    complete_sidecar,
+    complete_sidecars,
+
+    shard_sidecar,
     created_by,
     finish_manifest,
     group_documents,
@@ -146,19 +148,14 @@ def build_shard(spec: ShardSpec, tokenizer_json: str, storage_options: dict[str,
     targets = stream[1 : len(samples) * spec.seq_len + 1]  # every token that is predicted, once
     counts = np.bincount(targets.astype(np.int64), minlength=spec.vocab_size)
     ids = np.flatnonzero(counts)
-    sidecar = {
-        "format_version": FORMAT_VERSION,
-        "shard": spec.shard,
-        "build_id": spec.build_id,
-        "num_samples": written.num_samples,
-        "num_bytes": written.num_bytes,
-        "sha256": written.sha256,
-        "num_documents": len(used),
-        "num_stream_tokens": int(len(stream)),
-        "sources": _describe_sources(documents, used),
-        "skipped": skipped,
-        "token_counts": {"ids": ids.tolist(), "counts": counts[ids].tolist()},
-    }
+    sidecar = shard_sidecar(
+        spec, written,
+        num_documents=len(used),
+        num_stream_tokens=int(len(stream)),
+        sources=_describe_sources(documents, used),
+        skipped=skipped,
+        token_counts={"ids": ids.tolist(), "counts": counts[ids].tolist()},
+    )
     storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), storage_options)
     return sidecar
 
@@ -230,11 +227,7 @@ def prepare_text(cfg: PrepareConfig, progress: bool = True, strict: bool = False
 
     specs = _shard_specs(cfg, groups, provenance, vocab_size, dtype)
     tidy_output(output, shards_cfg.name, len(specs), storage_options)
-    sidecars: dict[int, dict[str, Any]] = {}
-    for spec in specs:
-        sidecar = complete_sidecar(spec.url, spec.sidecar_url, spec.build_id, storage_options)
-        if sidecar is not None:
-            sidecars[spec.index] = sidecar
+    sidecars = complete_sidecars(specs, storage_options)
     to_build = [spec for spec in specs if spec.index not in sidecars]
     log.info("%d of %d shards complete, building %d", len(sidecars), len(specs), len(to_build))
     if to_build:

@@ -27,7 +27,7 @@ import numpy as np
 from launch.config import PrepareConfig, RayConfig
 from launch.errors import UserError
 from sharding import storage
-from sharding.manifest import Manifest, SkippedInput
+from sharding.manifest import FORMAT_VERSION, Manifest, SkippedInput
 from sharding.shards import read_shard
 from sharding.text_corpus import Document
 
@@ -90,6 +90,12 @@ def val_group_indexes(num_groups: int, val_fraction: float) -> set[int]:
 # ------------------------------------------------------------------ resuming
 
 
+def shard_sidecar(spec, written, **fields: Any) -> dict[str, Any]:
+    """The sidecar of a shard just written: what `complete_sidecar` checks, plus the builder's `fields`."""
+    return {"format_version": FORMAT_VERSION, "shard": spec.shard, "build_id": spec.build_id,
+            "num_samples": written.num_samples, "num_bytes": written.num_bytes, "sha256": written.sha256, **fields}
+
+
 def complete_sidecar(url: str, sidecar_url: str, expected_build_id: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
     """The sidecar of the shard at `url` when that shard is complete and built from the expected inputs, else None."""
     try:
@@ -103,6 +109,16 @@ def complete_sidecar(url: str, sidecar_url: str, expected_build_id: str, storage
     if storage.sha256_of(url, storage_options) != sidecar.get("sha256"):
         return None
     return sidecar
+
+
+def complete_sidecars(specs, storage_options: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    """spec.index -> sidecar for each planned shard (url, sidecar_url, build_id, index) already complete."""
+    sidecars = {}
+    for spec in specs:
+        sidecar = complete_sidecar(spec.url, spec.sidecar_url, spec.build_id, storage_options)
+        if sidecar is not None:
+            sidecars[spec.index] = sidecar
+    return sidecars
 
 
 def tidy_output(output: str, name: str, num_shards: int, storage_options: dict[str, Any] | None) -> None:
