@@ -22,9 +22,12 @@ demo: setup
 	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(VENV)/bin/tokfleet demo
 
 test: setup
+	# SLURM and Ceph radosgw from apt, while the network is there (the suite runs without it)
+	$(PY) tests/system_packages.py
 	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(CONFINED) $(PY) -m pytest -q tests --ignore=tests/bench
 
 bench: setup
+	$(PY) tests/system_packages.py
 	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(CONFINED) $(PY) -m pytest -q -s tests/bench
 
 clean:

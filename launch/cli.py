@@ -29,7 +29,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
             return
         from launch.netns import ensure_confined
 
-        ensure_confined()  # Ray stays on loopback on shared machines
+        if not cfg.ray.address:  # a local Ray stays on loopback on shared machines; a cluster is joined where it is
+            ensure_confined()
         if cfg.source.kind != "text":
             from sharding.prepare_signals import prepare_signals
 
@@ -58,7 +59,8 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
             return
         from launch.netns import ensure_confined
 
-        ensure_confined()  # Ray stays on loopback on shared machines
+        if not cfg.ray.address:  # a local Ray stays on loopback on shared machines; a cluster is joined where it is
+            ensure_confined()
         from sharding.pretokenize_signals import pretokenize_signals
 
         report = pretokenize_signals(cfg, progress=not args.quiet, strict=args.strict)  # starts Ray only if a shard is missing
@@ -367,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a train config value (repeatable)")
     demo.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     demo.set_defaults(func=cmd_demo)
+
+    from launch.submit import add_parsers as add_submit_parsers
+
+    add_submit_parsers(sub)
     return parser
 
 

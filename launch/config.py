@@ -137,6 +137,65 @@ class EvalConfig:
     num_batches: int = option(8, "validation micro-batches per evaluation")
 
 
+# ------------------------------------------------------------------- launch (cluster jobs)
+
+
+@dataclass
+class SlurmLaunchConfig:
+    partition: str | None = option(None, "sbatch --partition; empty: the cluster's default")
+    time: str | None = option(None, "sbatch --time limit, e.g. 04:00:00 or 2-00:00:00; empty: the partition's")
+    account: str | None = option(None, "sbatch --account")
+    qos: str | None = option(None, "sbatch --qos")
+    constraint: str | None = option(None, "sbatch --constraint (node features)")
+    mem: str | None = option(None, "sbatch --mem per node, e.g. 64G; empty: the cluster's default")
+    cpus_per_task: int = option(0, "sbatch --cpus-per-task (one task = one node's launcher); 0: the cluster's default")
+    job_name: str | None = option(None, "sbatch --job-name; empty: run.name (train) or the config's file name")
+    extra_sbatch: list[str] = option(help="more #SBATCH options, e.g. ['--exclusive', '--mail-type=END']", factory=list)
+    requeue: bool = option(False, "ask for a warning signal before the time limit / preemption, checkpoint on it and requeue")
+    signal_seconds: int = option(300, "with requeue: seconds before the time limit that SLURM sends the warning signal")
+    template: str | None = option(None, "an sbatch template of your own (Python string.Template, see slurm/); empty: slurm/'s")
+    setup: list[str] = option(help="shell lines run on every node before the launcher (module load, source venv/bin/activate)", factory=list)
+
+    def __post_init__(self):
+        if self.cpus_per_task < 0 or self.signal_seconds < 1:
+            raise ValueError(f"launch.slurm.cpus_per_task must be >= 0 and signal_seconds >= 1, got {self.cpus_per_task}, {self.signal_seconds}")
+
+
+@dataclass
+class RayLaunchConfig:
+    address: str | None = option(None, "Ray Jobs API address of the cluster head, e.g. http://HEAD:8265")
+    cpus_per_worker: float = option(1.0, "training: CPUs reserved per Ray Train worker (one worker per rank)")
+    gpus_per_worker: float = option(0.0, "training: GPUs per Ray Train worker")
+    runtime_env: dict[str, Any] = option(
+        help="extra Ray runtime_env (env_vars, pip, ...); working_dir defaults to this checkout without .venv/data/runs "
+             "(working_dir: '' uploads nothing: the cluster's installed tokfleet runs)", factory=dict)
+    entrypoint_num_cpus: float = option(0.0, "CPUs reserved for the job's driver")
+    python: str = option("python", "interpreter that runs the job's driver on the cluster: `python` is the head's PATH's "
+                                   "(activate the venv before `ray start`), or an absolute path")
+
+    def __post_init__(self):
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.entrypoint_num_cpus < 0:
+            raise ValueError("launch.ray.cpus_per_worker, gpus_per_worker and entrypoint_num_cpus must be >= 0")
+
+
+@dataclass
+class LaunchConfig:
+    nodes: int = option(1, "nodes (SLURM) ; Ray and local run on what the cluster / machine has")
+    nproc_per_node: int = option(1, "training processes (ranks) per node: GPUs per node, or CPU processes")
+    gpus_per_node: int = option(0, "GPUs per node asked of SLURM (--gres=gpu:N); `submit slurm --gpus-per-node N` sets it and nproc_per_node")
+    launcher: Literal["auto", "torchrun", "deepspeed", "accelerate"] = option(
+        "auto", "per-node launcher for training; auto: deepspeed for engine.kind deepspeed, accelerate launch for accelerate, else torchrun")
+    env: dict[str, str] = option(help="environment variables set for every process of the job", factory=dict)
+    slurm: SlurmLaunchConfig = option(help="SLURM settings (tokfleet submit slurm)", factory=SlurmLaunchConfig)
+    ray: RayLaunchConfig = option(help="Ray settings (tokfleet submit ray)", factory=RayLaunchConfig)
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.nproc_per_node < 1:
+            raise ValueError(f"launch.nodes and launch.nproc_per_node must be >= 1, got {self.nodes}, {self.nproc_per_node}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"launch.gpus_per_node must be >= 0, got {self.gpus_per_node}")
+
+
 @dataclass
 class TrainConfig:
     data: DataConfig
@@ -147,6 +206,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = option(help="checkpointing", factory=CheckpointConfig)
     logging: LoggingConfig = option(help="metrics and wandb", factory=LoggingConfig)
     eval: EvalConfig = option(help="validation", factory=EvalConfig)
+    launch: LaunchConfig = option(help="cluster jobs: tokfleet submit slurm|ray|local", factory=LaunchConfig)
 
 
 # -------------------------------------------------------------- prepare config
@@ -162,6 +222,7 @@ class SourceConfig:
     hf_split: str = option("train", "dataset split to read")
     hf_text_field: str = option("text", "column holding the text")
     max_files: int = option(0, "use at most this many files/documents (0: all)")
+    storage_options: dict[str, Any] = option(help="fsspec storage options for the source paths (s3://...)", factory=dict)
 
 
 @dataclass
@@ -261,6 +322,7 @@ class PrepareConfig:
     meg: MegConfig = option(help="MEG/EEG preprocessing (source.kind meg)", factory=MegConfig)
     video: VideoConfig = option(help="video decoding and clipping (source.kind video)", factory=VideoConfig)
     ray: RayConfig = option(help="Ray runtime", factory=RayConfig)
+    launch: LaunchConfig = option(help="cluster jobs: tokfleet submit slurm|ray|local", factory=LaunchConfig)
 
 
 # ---------------------------------------------------------- pretokenize config
@@ -316,6 +378,7 @@ class PretokenizeConfig:
     shards: TokenShardsConfig
     actors: ActorPoolConfig = option(help="the Ray Data actor pool running the tokenizer", factory=ActorPoolConfig)
     ray: RayConfig = option(help="Ray runtime", factory=RayConfig)
+    launch: LaunchConfig = option(help="cluster jobs: tokfleet submit slurm|ray|local", factory=LaunchConfig)
 
 
 # ------------------------------------------------------------------- loading

@@ -194,7 +194,10 @@ def build_model(
     device = torch.device(device)
     if device.type == "meta":
         return model
-    model.to_empty(device=device)
+    # what Module.to_empty does, without its torch.empty_like: on a meta tensor that runs torch's
+    # Python reference code, which imports sympy on first use (~1.5 s of CPU in every process that
+    # builds a model, e.g. each pretokenize actor); empty_strided makes the same tensors directly
+    model._apply(lambda t: torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device))
     with torch.no_grad():
         model.init_weights()
     return model

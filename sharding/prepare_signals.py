@@ -112,8 +112,14 @@ def merge_shapes(a: list[int | None], b: list[int | None]) -> list[int | None]:
     return [x if x == y else None for x, y in zip(a, b)]
 
 
-def build_signal_shard(fields: dict[str, Any], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read the spec's files with their reader, write the shard, then its sidecar; returns the sidecar."""
+def build_signal_shard(fields: dict[str, Any], storage_options: dict[str, Any] | None = None,
+                       source_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read the spec's files with their reader, write the shard, then its sidecar; returns the sidecar.
+
+    `storage_options` are the output's (shards.storage_options), `source_options` the inputs'
+    (source.storage_options). mne and FFmpeg open paths: a remote input is downloaded to a
+    temporary file inside this task first, one at a time, and deleted once read.
+    """
     spec = SignalShardSpec(**fields)
     reader = reader_module(spec.kind)
     options = reader.OPTIONS(**spec.options)
@@ -121,12 +127,12 @@ def build_signal_shard(fields: dict[str, Any], storage_options: dict[str, Any] |
     used, skipped, counts = [], [], []
     start = time.perf_counter()
     for document in spec.documents:
-        source = document["source"]
+        source = path = document["source"]
         try:
-            with storage.local_file(source) as path:
+            with storage.local_file(source, source_options) as path:
                 file_samples = list(reader.read_samples(source, path, options))
-        except SkipInput as reason:
-            skipped.append(asdict(SkippedInput(source, str(reason))))
+        except SkipInput as reason:  # a remote input was read from a temporary copy: its reason names the source
+            skipped.append(asdict(SkippedInput(source, str(reason).replace(path, source))))
             continue
         except FileNotFoundError:
             skipped.append(asdict(SkippedInput(source, "missing: deleted after listing")))
@@ -248,7 +254,7 @@ def prepare_signals(cfg: PrepareConfig, progress: bool = True, strict: bool = Fa
 
         init_ray(cfg.ray)  # before the clock starts: throughput counts building, not Ray's start
         start = time.perf_counter()
-        build = functools.partial(build_signal_shard, storage_options=storage_options)
+        build = functools.partial(build_signal_shard, storage_options=storage_options, source_options=cfg.source.storage_options)
         by_shard = {spec.shard: spec.index for spec in to_build}
         for sidecar in build_on_ray([asdict(spec) for spec in to_build], build, cfg.ray, progress=progress, desc=f"prepare {kind}"):
             sidecars[by_shard[sidecar["shard"]]] = sidecar

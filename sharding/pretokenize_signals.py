@@ -38,7 +38,7 @@ from sharding.shard_build import (
     build_on_ray,
     check_shard_name,
     complete_sidecars,
-
+    created_by,
     shard_sidecar,
     finish_manifest,
     sidecar_name,
@@ -88,7 +88,7 @@ class ShardTokenizer:
 
         spec = TokenShardSpec(**fields)
         kind = self.runner.info.input_kind
-        start = time.perf_counter()
+        started_at, start, start_cpu = time.time(), time.perf_counter(), time.thread_time()
         token_samples, used, skipped = [], [], []
         for raw in spec.raw_shards:
             try:
@@ -117,6 +117,10 @@ class ShardTokenizer:
             skipped=skipped,
             fields=fields_of(token_samples),
             seconds=round(time.perf_counter() - start, 3),
+            # this thread's CPU: all the tokenizer's with one torch thread (actors.num_cpus 1); with seconds, how
+            # much of the wall time this shard had a core (a shared or oversubscribed node shows here)
+            cpu_seconds=round(time.thread_time() - start_cpu, 3),
+            started_at=round(started_at, 3),  # unix time: when each actor was at work (start-up, stragglers)
         )
         storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), self.output_options)
         return sidecar
@@ -188,19 +192,35 @@ class PretokenizeReport:
                        f"({self.num_built_samples / seconds:.1f} {self.unit}/s, {self.num_built_bytes / 1e6 / seconds:.2f} MB/s)")
 
 
-def pretokenize_signals(cfg: PretokenizeConfig, progress: bool = True, strict: bool = False) -> PretokenizeReport:
-    """Build (or complete) the token dataset of `cfg` at `cfg.shards.output`."""
-    from trainer.tokenizer_runner import TOKEN_KINDS, describe_checkpoint
+def plan_pretokenize(cfg: PretokenizeConfig) -> tuple[Any, Manifest, list[TokenShardSpec]]:
+    """(TokenizerInfo, raw manifest, every token shard's spec) of `cfg`; UserError when they do not fit together."""
+    from trainer.tokenizer_runner import describe_checkpoint
 
     check_shard_name(cfg.shards.name)
-    output, output_options = cfg.shards.output, cfg.shards.storage_options
     info = describe_checkpoint(cfg.tokenizer.checkpoint)
     raw = Manifest.read(cfg.input.dataset, cfg.input.storage_options)
     info.check_dataset(raw, cfg.input.dataset)
     if not any(raw.shards_of(split) for split in cfg.input.splits):
         raise UserError(f"input.splits: {cfg.input.dataset} has no shards in {cfg.input.splits}")
+    return info, raw, _shard_specs(cfg, raw, info.weights_sha256)
 
-    specs = _shard_specs(cfg, raw, info.weights_sha256)
+
+def shard_tokenizer_kwargs(cfg: PretokenizeConfig, info: Any) -> dict[str, Any]:
+    """ShardTokenizer's arguments: each actor builds one from them (so can a plain loop, for comparison).
+
+    Torch gets actors.num_cpus threads (at least 1), so actors sharing a node do not oversubscribe its cores.
+    """
+    return {"checkpoint": str(info.directory), "device": cfg.tokenizer.device, "batch_size": cfg.actors.batch_size,
+            "num_threads": max(1, int(cfg.actors.num_cpus)), "input_options": cfg.input.storage_options,
+            "output_options": cfg.shards.storage_options}
+
+
+def pretokenize_signals(cfg: PretokenizeConfig, progress: bool = True, strict: bool = False) -> PretokenizeReport:
+    """Build (or complete) the token dataset of `cfg` at `cfg.shards.output`."""
+    from trainer.tokenizer_runner import TOKEN_KINDS
+
+    output, output_options = cfg.shards.output, cfg.shards.storage_options
+    info, raw, specs = plan_pretokenize(cfg)
     tidy_output(output, cfg.shards.name, len(specs), output_options)
     sidecars = complete_sidecars(specs, output_options)
     to_build = [spec for spec in specs if spec.index not in sidecars]
@@ -213,11 +233,8 @@ def pretokenize_signals(cfg: PretokenizeConfig, progress: bool = True, strict: b
         init_ray(cfg.ray)  # before the clock starts: throughput counts tokenizing, not Ray's start
         start = time.perf_counter()
         actors = cfg.actors
-        pool = ActorPool(ShardTokenizer, {
-            "checkpoint": str(info.directory), "device": cfg.tokenizer.device, "batch_size": actors.batch_size,
-            "num_threads": max(1, int(actors.num_cpus)), "input_options": cfg.input.storage_options,
-            "output_options": output_options,
-        }, num_actors=min(actors.num_actors, len(to_build)), num_cpus=actors.num_cpus, num_gpus=actors.num_gpus)
+        pool = ActorPool(ShardTokenizer, shard_tokenizer_kwargs(cfg, info), num_actors=min(actors.num_actors, len(to_build)),
+                         num_cpus=actors.num_cpus, num_gpus=actors.num_gpus)
         by_shard = {spec.shard: spec.index for spec in to_build}
         for sidecar in build_on_ray([asdict(spec) for spec in to_build], pool, cfg.ray, progress=progress,
                                     desc=f"pretokenize {info.name}"):
@@ -253,11 +270,6 @@ def _assemble_manifest(cfg: PretokenizeConfig, raw: Manifest, info: Any, specs: 
             f", last axis: {info.num_levels} RVQ levels" if info.num_levels > 1 else "")
     num_samples = {split: sum(s.num_samples for s in shards if s.split == split) for split in ("train", "val")}
     num_tokens = sum(sidecar["num_tokens"] for sidecar in sidecars.values())
-    config = asdict(cfg)
-    config["input"].pop("storage_options", None)  # may hold credentials
-    config["shards"].pop("storage_options", None)
-    config.pop("ray", None)  # how it ran, not what it made
-    config.pop("actors", None)
     token_shape = fields.get("tokens.npy", {}).get("shape", [])
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -273,5 +285,5 @@ def _assemble_manifest(cfg: PretokenizeConfig, raw: Manifest, info: Any, specs: 
         skipped=sorted(skipped, key=lambda entry: entry.path),
         stats={"num_files": len({s for shard in shards for s in shard.sources}), "num_samples": num_samples,
                "num_tokens": num_tokens, "num_bytes": sum(s.num_bytes for s in shards)},
-        created_by={"program": PROGRAM, "config": config},
+        created_by=created_by(cfg, PROGRAM, how_it_ran=("ray", "actors", "launch")),
     )

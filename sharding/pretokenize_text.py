@@ -121,13 +121,17 @@ def _describe_sources(documents: list[Document], used: list[Document]) -> list[s
     return [document.source for document in used]
 
 
-def build_shard(spec: ShardSpec, tokenizer_json: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Tokenize, pack and write one shard, then its sidecar; returns the sidecar."""
+def build_shard(spec: ShardSpec, tokenizer_json: str, storage_options: dict[str, Any] | None = None,
+                source_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tokenize, pack and write one shard, then its sidecar; returns the sidecar.
+
+    `storage_options` are the output's (shards.storage_options), `source_options` the inputs' (source.storage_options).
+    """
     tokenizer = _backend_tokenizer(tokenizer_json)
     documents = [Document(**fields) for fields in spec.documents]
     texts, used, skipped = [], [], []
     for document in documents:
-        text = read_document(document)
+        text = read_document(document, source_options)
         if isinstance(text, SkippedInput):
             skipped.append(asdict(text))
         else:
@@ -160,8 +164,9 @@ def build_shard(spec: ShardSpec, tokenizer_json: str, storage_options: dict[str,
     return sidecar
 
 
-def _build_from_fields(fields: dict[str, Any], *, tokenizer_json: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    return build_shard(ShardSpec(**fields), tokenizer_json, storage_options)
+def _build_from_fields(fields: dict[str, Any], *, tokenizer_json: str, storage_options: dict[str, Any] | None,
+                       source_options: dict[str, Any] | None) -> dict[str, Any]:
+    return build_shard(ShardSpec(**fields), tokenizer_json, storage_options, source_options)
 
 
 # ------------------------------------------------------------------- driver
@@ -219,7 +224,8 @@ def prepare_text(cfg: PrepareConfig, progress: bool = True, strict: bool = False
 
     start = time.perf_counter()
     tokenizer, provenance = ensure_tokenizer(
-        cfg.tokenizer, iter_texts(documents), corpus_fingerprint(documents), output, storage_options, num_texts=len(documents)
+        cfg.tokenizer, iter_texts(documents, cfg.source.storage_options), corpus_fingerprint(documents), output, storage_options,
+        num_texts=len(documents),
     )
     log.info("tokenizer ready in %.1f s (vocab %d)", time.perf_counter() - start, provenance["vocab_size"])
     vocab_size = int(provenance["vocab_size"])
@@ -234,7 +240,8 @@ def prepare_text(cfg: PrepareConfig, progress: bool = True, strict: bool = False
         start = time.perf_counter()
         tokenizer_json = tokenizer.backend_tokenizer.to_str()
         by_shard = {spec.shard: spec.index for spec in to_build}
-        build = functools.partial(_build_from_fields, tokenizer_json=tokenizer_json, storage_options=storage_options)
+        build = functools.partial(_build_from_fields, tokenizer_json=tokenizer_json, storage_options=storage_options,
+                                  source_options=cfg.source.storage_options)
         for sidecar in build_on_ray([asdict(spec) for spec in to_build], build, cfg.ray, progress=progress, desc="pretokenize"):
             sidecars[by_shard[sidecar["shard"]]] = sidecar
         log.info("pretokenized %d shards in %.1f s", len(to_build), time.perf_counter() - start)

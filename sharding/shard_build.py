@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from launch.config import PrepareConfig, RayConfig
+from launch.config import RayConfig
 from launch.errors import UserError
 from sharding import storage
 from sharding.manifest import FORMAT_VERSION, Manifest, SkippedInput
@@ -190,9 +190,12 @@ def build_on_ray(
     items = [{"spec": json.dumps(spec)} for spec in specs]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     if isinstance(build, ActorPool):
+        # One shard in flight per actor: a shard is seconds of work and its spec a few hundred bytes, so
+        # queueing gains nothing, while Ray Data's default (2 per actor) can leave one actor idle at the
+        # end as the other works through its queue (with 8 shards on 2 actors, ~1/8 of the run).
+        strategy = ray.data.ActorPoolStrategy(size=build.num_actors, max_tasks_in_flight_per_actor=1)
         dataset = dataset.map(_ActorBuild, fn_constructor_kwargs={"builder_cls": build.builder_cls, "builder_kwargs": build.builder_kwargs},
-                              compute=ray.data.ActorPoolStrategy(size=build.num_actors), num_cpus=build.num_cpus,
-                              num_gpus=build.num_gpus or None)
+                              compute=strategy, num_cpus=build.num_cpus, num_gpus=build.num_gpus or None)
     else:
         dataset = dataset.map(_build_row, fn_kwargs={"build": build}, num_cpus=1, concurrency=ray_cfg.max_tasks or None)
     sidecars = []
@@ -209,11 +212,19 @@ def build_on_ray(
 # ------------------------------------------------------------------ finishing
 
 
-def created_by(cfg: PrepareConfig, program: str) -> dict[str, Any]:
-    """The manifest's `created_by`: the program and what it was asked to make (no credentials, not how it ran)."""
+def created_by(cfg: Any, program: str, how_it_ran: tuple[str, ...] = ("ray", "launch")) -> dict[str, Any]:
+    """The manifest's `created_by`: the program and what it was asked to make (no credentials, not how it ran).
+
+    Every section's `storage_options` goes (source, input, shards: they may hold credentials, and
+    say where the bytes were, not what they are), and so do the `how_it_ran` sections (Ray,
+    cluster submission: `launch.env` may hold credentials too).
+    """
     config = asdict(cfg)
-    config["shards"].pop("storage_options", None)  # may hold credentials
-    config.pop("ray", None)  # how it ran, not what it made
+    for name in how_it_ran:
+        config.pop(name, None)
+    for section in config.values():
+        if isinstance(section, dict):
+            section.pop("storage_options", None)
     return {"program": program, "config": config}
 
 

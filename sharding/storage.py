@@ -59,9 +59,18 @@ def _remote_errors(url: str) -> Iterator[None]:
                         "key/secret, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / ~/.aws) and the endpoint") from None
     except FileNotFoundError as error:
         if _service_code(error) == "NoSuchBucket":
-            bucket = url.split("://", 1)[1].split("/", 1)[0]
-            raise UserError(f"{url}: bucket {bucket!r} does not exist (create it first; tokfleet never creates buckets)") from None
+            raise _no_such_bucket(url) from None
         raise
+
+
+def _no_such_bucket(url: str) -> UserError:
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    return UserError(f"{url}: bucket {bucket!r} does not exist (create it first; tokfleet never creates buckets)")
+
+
+def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & OBJECT_STORE_PROTOCOLS)
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -114,6 +123,17 @@ def ls(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(os.path.basename(entry.rstrip("/")) for entry in entries)
+
+
+def glob(pattern: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(URL, fsspec info) of every file matching the remote glob `pattern` (e.g. s3://bucket/meg/*.fif)."""
+    fs, path = filesystem(pattern, storage_options)
+    with _remote_errors(pattern):
+        found = fs.glob(path, detail=True)
+        # s3fs's glob finds nothing in a missing bucket rather than failing: say which it is
+        if not found and _is_object_store(fs) and not fs.exists(path.split("/", 1)[0]):
+            raise _no_such_bucket(pattern)
+    return [(fs.unstrip_protocol(name), info) for name, info in sorted(found.items()) if info.get("type") == "file"]
 
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
@@ -192,8 +212,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
         _fsync_dir(directory)
         return
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if parent and not protocols & OBJECT_STORE_PROTOCOLS:  # s3fs makedirs would create a missing bucket
+    if parent and not _is_object_store(fs):  # s3fs makedirs would create a missing bucket
         fs.makedirs(parent, exist_ok=True)
     try:
         with _remote_errors(url):

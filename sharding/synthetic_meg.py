@@ -39,6 +39,9 @@ def make_raw(seconds: float = 10.0, sfreq: float = 1000.0, seed: int = 0, num_tr
 
     rng = np.random.default_rng(seed)
     info = mne.pick_info(mne.channels.read_meg_canonical_info("neuromag", verbose="error"), list(range(3 * num_triplets)))
+    # the canonical info says 1000 Hz; mne protects sfreq (no public setter), so unlock it to honour `sfreq`
+    with info._unlock():
+        info["sfreq"], info["lowpass"] = float(sfreq), float(sfreq) / 2
     trans = np.eye(4)
     trans[2, 3] = -head_shift_m
     info["dev_head_t"] = mne.transforms.Transform("meg", "head", trans)

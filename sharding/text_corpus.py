@@ -40,7 +40,7 @@ def expand_pattern(pattern: str) -> str:
     return pattern.replace(STDLIB_PLACEHOLDER, sysconfig.get_paths()["stdlib"])
 
 
-def _glob_files(pattern: str) -> list[Document]:
+def _glob_files(pattern: str, storage_options: dict[str, Any] | None = None) -> list[Document]:
     if storage.is_local(pattern):
         documents = []
         for path in glob.glob(storage.local_path(pattern), recursive=True):
@@ -48,12 +48,10 @@ def _glob_files(pattern: str) -> list[Document]:
                 stat = os.stat(path)
                 documents.append(Document(os.path.abspath(path), stat.st_size, str(stat.st_mtime_ns)))
         return documents
-    fs, path = storage.filesystem(pattern)
     documents = []
-    for name, info in fs.glob(path, detail=True).items():
-        if info.get("type") == "file":
-            version = str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
-            documents.append(Document(fs.unstrip_protocol(name), int(info.get("size") or 0), version))
+    for url, info in storage.glob(pattern, storage_options):
+        version = str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
+        documents.append(Document(url, int(info.get("size") or 0), version))
     return documents
 
 
@@ -63,7 +61,7 @@ def list_files(cfg: SourceConfig) -> list[Document]:
     excludes = [expand_pattern(p) for p in cfg.exclude]
     by_source = {}
     for pattern in patterns:
-        for document in _glob_files(pattern):
+        for document in _glob_files(pattern, cfg.storage_options):
             by_source[document.source] = document
     documents = [
         document for source, document in sorted(by_source.items())
@@ -125,13 +123,13 @@ def list_documents(cfg: SourceConfig) -> list[Document]:
     return list_files(cfg)
 
 
-def read_document(document: Document) -> str | SkippedInput:
-    """The document's text, or why it is skipped (not UTF-8, unreadable, empty)."""
+def read_document(document: Document, storage_options: dict[str, Any] | None = None) -> str | SkippedInput:
+    """The document's text, or why it is skipped (not UTF-8, unreadable, empty); `storage_options`: source.storage_options."""
     if document.text is not None:
         text = document.text
     else:
         try:
-            data = storage.read_bytes(document.source)
+            data = storage.read_bytes(document.source, storage_options)
         except OSError as error:
             return SkippedInput(document.source, f"unreadable: {error.strerror or error}")
         try:
@@ -143,10 +141,10 @@ def read_document(document: Document) -> str | SkippedInput:
     return text
 
 
-def iter_texts(documents: list[Document]) -> Iterator[str]:
+def iter_texts(documents: list[Document], storage_options: dict[str, Any] | None = None) -> Iterator[str]:
     """Texts of the readable documents (for tokenizer training)."""
     for document in documents:
-        text = read_document(document)
+        text = read_document(document, storage_options)
         if isinstance(text, str):
             yield text
 

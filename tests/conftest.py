@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import sys
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
+# token authentication for the session's Ray cluster (ray_head), set before anything loads Ray:
+# Ray reads both once per process (a driver needs the mode too, not only the token), and would
+# otherwise take ~/.ray/auth_token, which another cluster on the machine may own
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def pytest_configure(config):
@@ -27,13 +33,25 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_head():
+    """The session's one Ray cluster: a head with the Jobs API (tests/ray_cluster.py), 2 CPUs like the
+    machine, token authentication with RAY_AUTH_TOKEN, stopped by PID at the end."""
+    from ray_cluster import RayHead
+
+    head = RayHead(token=os.environ["RAY_AUTH_TOKEN"], num_cpus=2).start()
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_head):
+    """This process as a driver of the session's cluster (Ray Data pipelines run on it)."""
     import ray
 
     from launch.config import RayConfig
     from sharding.ray_runtime import init_ray
 
-    init_ray(RayConfig(num_cpus=2, object_store_mb=300))
+    init_ray(RayConfig(address=ray_head.gcs_address))
     yield
     ray.shutdown()
 
@@ -62,6 +80,16 @@ def s3_server():
     server = RadosGateway().start()  # installs the Debian packages if missing; fails (never skips) without apt
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real SLURM cluster for the session: slurmctld + fake nodes n1, n2 on loopback (tests/slurm_cluster.py)."""
+    from slurm_cluster import SlurmCluster
+
+    cluster = SlurmCluster().start()  # installs the Debian packages if missing; fails (never skips) without apt
+    yield cluster
+    cluster.stop()
 
 
 # --------------------------------------- MEG/EEG recordings and videos (test_prepare_signals, test_pretokenize_signals)

@@ -7,7 +7,7 @@ address: start it only inside a loopback-only network namespace (tests/conftest.
 session in one). The Debian packages are installed with apt-get when missing; without apt the
 server cannot start, which is an error, not a skip.
 
-    python -m tests.s3_server      # start one, print endpoint + keys, stop on Enter
+    python tests/s3_server.py      # start one, print endpoint + keys, stop on Enter
 """
 
 from __future__ import annotations
@@ -23,32 +23,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-PACKAGES = ("ceph-mon", "ceph-osd", "ceph-common", "radosgw")
-BINARIES = ("ceph-mon", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "radosgw", "radosgw-admin")
+import system_packages  # tests/ is on sys.path (pytest, or `python tests/FILE.py`)
+
 START_TIMEOUT_S = 90.0
 
 
 class S3ServerError(RuntimeError):
     """The server could not be installed or started; the message says which step failed."""
-
-
-def ensure_installed() -> None:
-    """apt-get install the Ceph packages unless every binary is already there (then ~0 s)."""
-    if all(shutil.which(b) for b in BINARIES):
-        return
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise S3ServerError(f"Ceph radosgw is not installed and cannot be: needs root and apt-get "
-                            f"(apt-get install -y --no-install-recommends {' '.join(PACKAGES)})")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:  # stale package lists: update once
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        result = subprocess.run(install, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise S3ServerError(f"apt-get install {' '.join(PACKAGES)} failed: {result.stderr.strip()[-500:]}")
-    missing = [b for b in BINARIES if not shutil.which(b)]
-    if missing:
-        raise S3ServerError(f"after apt-get install, still missing: {', '.join(missing)}")
 
 
 def free_port() -> int:
@@ -140,7 +121,10 @@ class RadosGateway:
                                     f"logs: {self.root}/log")
 
     def start(self) -> RadosGateway:
-        ensure_installed()
+        try:
+            system_packages.ensure_installed("Ceph radosgw")
+        except system_packages.SystemPackageError as error:
+            raise S3ServerError(str(error)) from None
         self.root = tempfile.mkdtemp(prefix="tokfleet-rgw-")
         try:
             self._start()

@@ -2,8 +2,10 @@
 
 Every launcher we support sets RANK / WORLD_SIZE / LOCAL_RANK (torchrun, the deepspeed
 launcher, `accelerate launch`); under `srun` without a wrapper only SLURM_PROCID /
-SLURM_NTASKS / SLURM_LOCALID exist, so those are the fallback. With one process and no
-engine that needs a group, nothing here touches torch.distributed and the helpers are no-ops.
+SLURM_NTASKS / SLURM_LOCALID exist, so those are the fallback. Ray Train (trainer/ray_train.py)
+sets the same variables and has joined the group before our code runs: a group already
+initialised is kept as it is. With one process and no engine that needs a group, nothing here
+touches torch.distributed and the helpers are no-ops.
 """
 
 from __future__ import annotations
@@ -132,6 +134,14 @@ def all_reduce_min(value: int) -> int:
         return value
     tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def all_reduce_max(value: int) -> int:
+    if not is_active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 
 

@@ -35,22 +35,29 @@ def run(args: argparse.Namespace) -> dict | None:
         if args.print_config:
             print(dump_config(cfg), end="")
             return None
-        from trainer import distributed
-        from trainer.loop import Trainer  # heavy imports after the config is known good
+        summary = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
+    if summary.get("plot") is not None:  # rank 0 only
+        print(json.dumps({k: summary[k] for k in ("step", "finished", "checkpoint", "run_dir")}), file=sys.stderr)
+    return summary
 
-        try:
-            trainer = Trainer(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
-            if not trainer.is_main:
-                logging.getLogger("tokfleet").setLevel(logging.WARNING)
-            if trainer.resumed_from:
-                logging.getLogger("tokfleet").info("resumed from %s at step %d", trainer.resumed_from, trainer.step)
-            summary = trainer.train()
-        finally:
-            distributed.shutdown()
+
+def train(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = None) -> dict:
+    """Train `cfg` as this process's rank: what `python -m trainer` does, and each Ray Train worker
+    (trainer/ray_train.py). Rank 0's summary has the loss plot's path under "plot"."""
+    from trainer import distributed
+    from trainer.loop import Trainer  # heavy imports after the config is known good
+
+    try:
+        trainer = Trainer(cfg, resume=resume, stop_at_step=stop_at_step)
         if not trainer.is_main:
-            return summary
+            logging.getLogger("tokfleet").setLevel(logging.WARNING)
+        if trainer.resumed_from:
+            logging.getLogger("tokfleet").info("resumed from %s at step %d", trainer.resumed_from, trainer.step)
+        summary = trainer.train()
+    finally:
+        distributed.shutdown()
+    if trainer.is_main:
         summary["plot"] = str(trainer.plot() or "")
-    print(json.dumps({k: summary[k] for k in ("step", "finished", "checkpoint", "run_dir")}), file=sys.stderr)
     return summary
 
 

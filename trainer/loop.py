@@ -22,7 +22,9 @@ from trainer.checkpoint import CheckpointManager, read_trainer_state
 from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, split_has_samples
 from trainer import distributed
 from trainer.engines import build_engine, engine_device
+from trainer.host_memory import release_freed_memory, shards_parameters
 from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses
+from trainer.preemption import PreemptionWatcher
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from sharding.loader import merge_states
 
@@ -85,6 +87,8 @@ class Trainer:
 
         if cfg.engine.precision == "fp16" and self.device.type == "mps":
             raise UserError("engine.precision fp16 with a grad scaler is not supported on MPS; use bf16 or fp32")
+        if self.device.type == "cpu" and shards_parameters(cfg.engine):
+            release_freed_memory()  # before the build: every rank materialises the whole model once
         seed_everything(cfg.run.seed)  # the same initial weights on every rank
         model = build_model(cfg.model.name, cfg.model.flavor, self.model_args, device=self.device)
         self.flops_per_token = model.num_flops_per_token()  # before ZeRO-3 partitions the parameters
@@ -222,6 +226,8 @@ class Trainer:
         window_time, window_tokens, window_losses = 0.0, 0, []
         last_record: dict[str, Any] = {}
         last_checkpoint = None
+        preemption = PreemptionWatcher()  # SIGUSR1 (the cluster's warning): checkpoint after this step, stop
+        is_preempted = False
         while self.step < last_stop:
             start = time.perf_counter()
             lr = self.engine.lr
@@ -259,13 +265,18 @@ class Trainer:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
                 window_time, window_tokens, window_losses = 0.0, 0, []
             every = cfg.checkpoint.every_steps
+            is_preempted = self.step < last_stop and preemption.should_stop()
             if (every > 0 and self.step % every == 0) or self.step == self.stop_at_step \
-                    or (self.step == cfg.run.max_steps and cfg.checkpoint.save_final):
+                    or (self.step == cfg.run.max_steps and cfg.checkpoint.save_final) or is_preempted:
                 last_checkpoint = self.save_checkpoint()
+            if is_preempted:
+                log.info("stop signal: checkpointed step %d and stopped; resume with --resume auto", self.step)
+                break
+        preemption.close()
         progress.close()
         metrics.close()
         return {
-            "step": self.step, "finished": self.step >= cfg.run.max_steps, "run_dir": str(self.run_dir),
+            "step": self.step, "finished": self.step >= cfg.run.max_steps, "preempted": is_preempted, "run_dir": str(self.run_dir),
             "checkpoint": str(last_checkpoint or self.checkpoints.latest() or ""),
             "last": last_record, "resumed_from": str(self.resumed_from or ""), "num_params": self.num_params,
             "peak_flops": peak_flops,

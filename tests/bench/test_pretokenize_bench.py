@@ -1,0 +1,232 @@
+"""Pretokenize throughput: a plain single-process loop vs Ray Data actor pools of 1 and 2 actors.
+
+The same raw MEG dataset (NUM_RECORDINGS synthetic recordings of Neuromag sensor triplets + EEG,
+one raw shard each, made by `prepare_signals`) is tokenized by a `small` TOTEM (the shipped
+pretokenize config's model; trained one step: the weights do not change the cost) three ways, in
+interleaved rounds so that a change in the machine's load hits every way alike:
+
+    plain   this process calls ShardTokenizer, the actors' own builder, shard after shard: read the
+            raw shard, check its sha256, tokenize in batches of BATCH_SIZE, write the token shard and
+            its sidecar. The same code as an actor, without Ray; torch is already imported here
+            (an actor imports it, which counts against Ray).
+    ray-1   `pretokenize_signals` with actors.num_actors 1
+    ray-2   `pretokenize_signals` with actors.num_actors 2
+
+Every way runs torch with ONE thread: actors.num_cpus is 1, so ShardTokenizer calls
+torch.set_num_threads(1) in each actor, and the plain loop builds the same ShardTokenizer in this
+process (in a thread at the Ray workers' niceness, see run_plain). Windows/s is wall time from
+building the tokenizer (plain) or from after Ray is up (ray-N: the report's build_seconds, which
+includes starting the actors) to the last shard written; best of NUM_ROUNDS. Ratios: ray-2 /
+ray-1 end to end (goal >= 1.8 on 2 idle cores) and once the actors are up (steady: without the
+fixed actor start-up, which a long job amortises), and ray-1 / plain (what Ray costs one worker).
+Where the time went comes from the token sidecars' per-shard records (describe_run): start-up,
+not busy (wall - build seconds per worker: start-up, Ray Data dispatch, a tail where one actor
+waits for the other), CPU ms per window and the CPU share (below 1: the workers waited for a
+core, so the machine was not idle and the ratios say little), and the driver's CPU seconds
+(Ray Data's executor; on 2 cores taken from the actors). Every way must write byte-identical
+token shards.
+
+    make bench     # or: pytest -s tests/bench/test_pretokenize_bench.py (inside `python -m launch.netns --`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+RESULTS = Path(__file__).parent / "results"
+# 24 raw shards of 20 windows of 104 channels x 500 samples: ~70 s of work for one worker, so the
+# fixed ~4 s before a Ray run's first shard (Ray Data start, the actor importing torch) weighs ~5%
+NUM_RECORDINGS, SECONDS, NUM_TRIPLETS = 24, 40.0, 32
+SFREQ, WINDOW_S = 250.0, 2.0
+BATCH_SIZE = 32
+NUM_ROUNDS = 2
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def process_cpu_s() -> float:
+    """CPU seconds of this process, every thread (in a Ray run: the driver, i.e. Ray Data's executor)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def make_dataset(root: Path) -> str:
+    """The raw dataset: recordings made at SFREQ and windowed without filters (the bench is about pretokenize)."""
+    from launch.config import MegConfig, PrepareConfig, ShardsConfig, SourceConfig
+    from sharding.prepare_signals import prepare_signals
+    from sharding.synthetic_meg import make_raw
+
+    corpus = root / "recordings"
+    corpus.mkdir()
+    for index in range(NUM_RECORDINGS):
+        raw = make_raw(seconds=SECONDS, sfreq=SFREQ, seed=index, num_triplets=NUM_TRIPLETS)
+        raw.save(corpus / f"rec-{index:02d}_raw.fif", verbose="error")
+    output = str(root / "windows")
+    prepare_signals(PrepareConfig(
+        source=SourceConfig(kind="meg", paths=[f"{corpus}/*.fif"]),
+        meg=MegConfig(sfreq=SFREQ, l_freq=None, h_freq=None, window_s=WINDOW_S),
+        shards=ShardsConfig(output=output, name="meg", source_bytes_per_shard=1, val_fraction=0.0),
+    ), progress=False)
+    return output
+
+
+def train_tokenizer(dataset: str, root: Path) -> str:
+    from launch.config import TrainConfig, load_config
+    from trainer.loop import Trainer
+
+    run_dir = root / "totem"
+    config = {
+        "run": {"name": "totem", "output_dir": str(run_dir), "max_steps": 1, "seed": 3, "device": "cpu"},
+        "model": {"name": "totem", "flavor": "small"},
+        "data": {"dataset": dataset, "num_streams": 4},
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 4},
+        "engine": {"peak_flops": 1e11},
+        "checkpoint": {"every_steps": 0},
+        "logging": {"every_steps": 1, "progress": False, "wandb": False},
+        "eval": {"every_steps": 0, "num_batches": 1},
+    }
+    (root / "totem.yaml").write_text(yaml.safe_dump(config))
+    Trainer(load_config(str(root / "totem.yaml"), TrainConfig, [])).train()
+    return str(run_dir)
+
+
+def pretokenize_config(dataset: str, checkpoint: str, output: str, num_actors: int):
+    from launch.config import (ActorPoolConfig, PretokenizeConfig, PretokenizeInputConfig, PretokenizeModelConfig,
+                               TokenShardsConfig)
+
+    return PretokenizeConfig(
+        input=PretokenizeInputConfig(dataset=dataset),
+        tokenizer=PretokenizeModelConfig(checkpoint=checkpoint, device="cpu"),
+        shards=TokenShardsConfig(output=output, name="tok"),
+        actors=ActorPoolConfig(num_actors=num_actors, num_cpus=1.0, batch_size=BATCH_SIZE),
+    )
+
+
+def ray_worker_niceness() -> int:
+    """The niceness Ray gives its worker processes (the raylet's worker_niceness, 15 unless changed)."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote())
+
+
+def run_plain(cfg, niceness: int) -> tuple[float, list[dict]]:
+    """(seconds, sidecars) of the plain loop: the actors' builder, called shard after shard in a
+    thread running at the Ray workers' niceness (Linux niceness is per thread; with one torch
+    thread the tokenizer runs on the calling thread). On an idle machine niceness changes little;
+    on a shared one a nice-0 loop would beat nice-15 actors just by outranking other jobs."""
+    from sharding.pretokenize_signals import ShardTokenizer, plan_pretokenize, shard_tokenizer_kwargs
+
+    info, _, specs = plan_pretokenize(cfg)
+    result: dict = {}
+
+    def loop() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        start = time.perf_counter()
+        builder = ShardTokenizer(**shard_tokenizer_kwargs(cfg, info))  # torch.set_num_threads(1), as in an actor
+        result["sidecars"] = [builder(dataclasses.asdict(spec)) for spec in specs]
+        result["seconds"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    thread.join()
+    assert "seconds" in result, "the plain loop failed (its traceback is above)"
+    return result["seconds"], result["sidecars"]
+
+
+def run_ray(cfg) -> tuple[float, list[dict]]:
+    from sharding import storage
+    from sharding.pretokenize_signals import pretokenize_signals
+    from sharding.shard_build import sidecar_name
+
+    report = pretokenize_signals(cfg, progress=False)
+    sidecars = [json.loads(storage.read_text(storage.join(cfg.shards.output, sidecar_name(shard.name))))
+                for shard in report.manifest.shards]
+    return report.build_seconds, sidecars
+
+
+def describe_run(seconds: float, sidecars: list[dict], num_workers: int, started_at: float) -> dict:
+    """Throughput of one run, and where its wall time went (from the sidecars' per-shard records).
+
+    busy: the shards' build seconds / workers; startup: run start -> first shard started (actors
+    importing torch and loading the model); steady: first shard started -> last shard written,
+    so windows / steady is the throughput once the workers are up; cpu_share: the shards' CPU
+    seconds / their wall seconds (below 1: the workers waited for a core, e.g. other jobs).
+    """
+    num_windows = sum(sidecar["num_samples"] for sidecar in sidecars)
+    first = min(sidecar["started_at"] for sidecar in sidecars)
+    steady = max(sidecar["started_at"] + sidecar["seconds"] for sidecar in sidecars) - first
+    busy = sum(sidecar["seconds"] for sidecar in sidecars) / num_workers
+    cpu = sum(sidecar["cpu_seconds"] for sidecar in sidecars)
+    return {"num_windows": num_windows, "seconds": round(seconds, 3), "windows_per_s": round(num_windows / seconds, 2),
+            "startup_s": round(first - started_at, 3), "steady_windows_per_s": round(num_windows / steady, 2),
+            "busy_s": round(busy, 3), "not_busy_s": round(seconds - busy, 3),
+            "cpu_ms_per_window": round(1000 * cpu / num_windows, 1),
+            "cpu_share": round(cpu / sum(sidecar["seconds"] for sidecar in sidecars), 3)}
+
+
+def test_pretokenize_throughput(ray_session, tmp_path):
+    import torch
+
+    threads_before = torch.get_num_threads()
+    started = time.perf_counter()
+    dataset = make_dataset(tmp_path)
+    checkpoint = train_tokenizer(dataset, tmp_path)
+    setup_s = time.perf_counter() - started
+    niceness = ray_worker_niceness()
+    ways = {"plain": (1, functools.partial(run_plain, niceness=niceness)), "ray-1": (1, run_ray), "ray-2": (2, run_ray)}
+    runs: dict[str, list[dict]] = {name: [] for name in ways}
+    reference_hashes: list[str] = []
+    for round_index in range(NUM_ROUNDS):
+        for name, (num_workers, run) in ways.items():
+            output = str(tmp_path / f"tokens-{name}-{round_index}")
+            load_before, started_at, cpu_before = load_average(), time.time(), process_cpu_s()
+            seconds, sidecars = run(pretokenize_config(dataset, checkpoint, output, num_workers))
+            driver_cpu = None if name == "plain" else round(process_cpu_s() - cpu_before, 3)  # plain: the loop itself
+            runs[name].append(describe_run(seconds, sidecars, num_workers, started_at) | {
+                "driver_cpu_s": driver_cpu, "load_before": load_before, "load_after": load_average()})
+            hashes = [sidecar["sha256"] for sidecar in sidecars]
+            reference_hashes = reference_hashes or hashes
+            assert hashes == reference_hashes, f"{name} (round {round_index}) wrote other token shards than the first run"
+    torch.set_num_threads(threads_before)
+
+    best = {name: max(rows, key=lambda row: row["windows_per_s"]) for name, rows in runs.items()}
+    ratios = {"ray2_over_ray1": best["ray-2"]["windows_per_s"] / best["ray-1"]["windows_per_s"],
+              "ray1_over_plain": best["ray-1"]["windows_per_s"] / best["plain"]["windows_per_s"],
+              "steady_ray2_over_ray1": max(r["steady_windows_per_s"] for r in runs["ray-2"])
+              / max(r["steady_windows_per_s"] for r in runs["ray-1"])}
+    num_windows = best["plain"]["num_windows"]
+    print(f"\npretokenize {num_windows} windows ({NUM_RECORDINGS} raw shards, {3 * NUM_TRIPLETS + 8} channels "
+          f"x {int(SFREQ * WINDOW_S)} samples), TOTEM small, batch {BATCH_SIZE}, torch 1 thread per worker; "
+          f"niceness {niceness}; best of {NUM_ROUNDS} (*); setup {setup_s:.0f} s")
+    print(f"{'way':7s} {'windows/s':>10s} {'wall s':>7s} {'startup s':>9s} {'steady w/s':>10s} {'not busy s':>10s} "
+          f"{'cpu ms/w':>8s} {'cpu share':>9s} {'driver cpu s':>12s}  load average before -> after")
+    for name, rows in runs.items():
+        for row in rows:
+            mark = "*" if row is best[name] else " "
+            print(f"{name:7s}{mark}{row['windows_per_s']:9.1f} {row['seconds']:7.1f} {row['startup_s']:9.1f} "
+                  f"{row['steady_windows_per_s']:10.1f} {row['not_busy_s']:10.1f} {row['cpu_ms_per_window']:8.0f} "
+                  f"{row['cpu_share']:9.2f} {'-' if row['driver_cpu_s'] is None else round(row['driver_cpu_s'], 1):>12}  "
+                  f"{row['load_before']} -> {row['load_after']}")
+    print(f"ray 2 actors / 1 actor: {ratios['ray2_over_ray1']:.2f}x end to end, {ratios['steady_ray2_over_ray1']:.2f}x once "
+          f"the actors are up (goal >= 1.8 on 2 idle cores); ray 1 actor / plain loop: {ratios['ray1_over_plain']:.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "pretokenize.json").write_text(json.dumps({
+        "dataset": {"num_raw_shards": NUM_RECORDINGS, "num_windows": num_windows, "num_channels": 3 * NUM_TRIPLETS + 8,
+                    "window_samples": int(SFREQ * WINDOW_S)},
+        "tokenizer": {"model": "totem", "flavor": "small"}, "batch_size": BATCH_SIZE, "torch_threads_per_worker": 1,
+        "worker_niceness": niceness,
+        "rounds": NUM_ROUNDS, "cpu_count": os.cpu_count(), "runs": runs,
+        "best_windows_per_s": {name: row["windows_per_s"] for name, row in best.items()},
+        **{name: round(value, 3) for name, value in ratios.items()},
+    }, indent=1) + "\n")
