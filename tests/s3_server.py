@@ -121,10 +121,7 @@ class RadosGateway:
                                     f"logs: {self.root}/log")
 
     def start(self) -> RadosGateway:
-        try:
-            system_packages.ensure_installed("Ceph radosgw")
-        except system_packages.SystemPackageError as error:
-            raise S3ServerError(str(error)) from None
+        system_packages.ensure_installed("Ceph radosgw")  # SystemPackageError says what is missing
         self.root = tempfile.mkdtemp(prefix="tokfleet-rgw-")
         try:
             self._start()

@@ -102,10 +102,7 @@ class SlurmCluster:
     # ------------------------------------------------------------------ start
 
     def start(self) -> SlurmCluster:
-        try:
-            system_packages.ensure_installed("SLURM")
-        except system_packages.SystemPackageError as error:
-            raise SlurmClusterError(str(error)) from None
+        system_packages.ensure_installed("SLURM")  # SystemPackageError says what is missing
         self.root = tempfile.mkdtemp(prefix="tokfleet-slurm-")
         try:
             self._start()

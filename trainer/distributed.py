@@ -129,20 +129,20 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return reduced / dist.get_world_size()
 
 
-def all_reduce_min(value: int) -> int:
+def _all_reduce_int(value: int, op) -> int:
     if not is_active():
         return value
     tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    dist.all_reduce(tensor, op=op)
     return int(tensor.item())
+
+
+def all_reduce_min(value: int) -> int:
+    return _all_reduce_int(value, dist.ReduceOp.MIN)
 
 
 def all_reduce_max(value: int) -> int:
-    if not is_active():
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return _all_reduce_int(value, dist.ReduceOp.MAX)
 
 
 def shutdown() -> None:

@@ -9,6 +9,9 @@ interleaved rounds so that a change in the machine's load hits every way alike:
             raw shard, check its sha256, tokenize in batches of BATCH_SIZE, write the token shard and
             its sidecar. The same code as an actor, without Ray; torch is already imported here
             (an actor imports it, which counts against Ray).
+    plain-2 two spawned processes (concurrent.futures), each importing torch and building a
+            ShardTokenizer, then taking the next shard: the most 2 workers gain on this machine
+            without Ray (the ceiling ray-2 / ray-1 is measured against).
     ray-1   `pretokenize_signals` with actors.num_actors 1
     ray-2   `pretokenize_signals` with actors.num_actors 2
 
@@ -40,6 +43,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 RESULTS = Path(__file__).parent / "results"
@@ -144,6 +148,38 @@ def run_plain(cfg, niceness: int) -> tuple[float, list[dict]]:
     return result["seconds"], result["sidecars"]
 
 
+_process_builder = None  # plain-2: each process's ShardTokenizer
+
+
+def _start_process(kwargs: dict, niceness: int) -> None:
+    global _process_builder
+    from sharding.pretokenize_signals import ShardTokenizer
+
+    os.nice(niceness - os.nice(0))
+    _process_builder = ShardTokenizer(**kwargs)
+
+
+def _build_in_process(spec: dict) -> dict:
+    return _process_builder(spec)
+
+
+def run_plain_processes(cfg, niceness: int, num_workers: int = 2) -> tuple[float, list[dict]]:
+    """(seconds, sidecars) of NUM_WORKERS plain processes (spawned like Ray's workers, each importing
+    torch and building the tokenizer, then taking the next shard when done): what 2 workers can
+    gain on this machine without Ray, so ray-2 / plain-2 is Ray's own cost at 2 workers."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from sharding.pretokenize_signals import plan_pretokenize, shard_tokenizer_kwargs
+
+    info, _, specs = plan_pretokenize(cfg)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process,
+                             initargs=(shard_tokenizer_kwargs(cfg, info), niceness)) as pool:
+        sidecars = list(pool.map(_build_in_process, [dataclasses.asdict(spec) for spec in specs]))
+    return time.perf_counter() - start, sidecars
+
+
 def run_ray(cfg) -> tuple[float, list[dict]]:
     from sharding import storage
     from sharding.pretokenize_signals import pretokenize_signals
@@ -175,7 +211,22 @@ def describe_run(seconds: float, sidecars: list[dict], num_workers: int, started
             "cpu_share": round(cpu / sum(sidecar["seconds"] for sidecar in sidecars), 3)}
 
 
-def test_pretokenize_throughput(ray_session, tmp_path):
+@pytest.fixture
+def local_ray():
+    """The Ray instance `tokfleet pretokenize` starts on its own (init_ray without an address: no
+    dashboard, all CPUs), not the test session's head, whose dashboard and Jobs API take CPU."""
+    import ray
+
+    from launch.config import RayConfig
+    from sharding.ray_runtime import init_ray
+
+    assert not ray.is_initialized(), "run this bench before anything that joins the session's Ray head"
+    init_ray(RayConfig())
+    yield
+    ray.shutdown()
+
+
+def test_pretokenize_throughput(local_ray, tmp_path):
     import torch
 
     threads_before = torch.get_num_threads()
@@ -184,7 +235,9 @@ def test_pretokenize_throughput(ray_session, tmp_path):
     checkpoint = train_tokenizer(dataset, tmp_path)
     setup_s = time.perf_counter() - started
     niceness = ray_worker_niceness()
-    ways = {"plain": (1, functools.partial(run_plain, niceness=niceness)), "ray-1": (1, run_ray), "ray-2": (2, run_ray)}
+    ways = {"plain": (1, functools.partial(run_plain, niceness=niceness)),
+            "plain-2": (2, functools.partial(run_plain_processes, niceness=niceness)),
+            "ray-1": (1, run_ray), "ray-2": (2, run_ray)}
     runs: dict[str, list[dict]] = {name: [] for name in ways}
     reference_hashes: list[str] = []
     for round_index in range(NUM_ROUNDS):
@@ -192,7 +245,7 @@ def test_pretokenize_throughput(ray_session, tmp_path):
             output = str(tmp_path / f"tokens-{name}-{round_index}")
             load_before, started_at, cpu_before = load_average(), time.time(), process_cpu_s()
             seconds, sidecars = run(pretokenize_config(dataset, checkpoint, output, num_workers))
-            driver_cpu = None if name == "plain" else round(process_cpu_s() - cpu_before, 3)  # plain: the loop itself
+            driver_cpu = None if name.startswith("plain") else round(process_cpu_s() - cpu_before, 3)  # plain: the loop itself
             runs[name].append(describe_run(seconds, sidecars, num_workers, started_at) | {
                 "driver_cpu_s": driver_cpu, "load_before": load_before, "load_after": load_average()})
             hashes = [sidecar["sha256"] for sidecar in sidecars]
@@ -203,6 +256,8 @@ def test_pretokenize_throughput(ray_session, tmp_path):
     best = {name: max(rows, key=lambda row: row["windows_per_s"]) for name, rows in runs.items()}
     ratios = {"ray2_over_ray1": best["ray-2"]["windows_per_s"] / best["ray-1"]["windows_per_s"],
               "ray1_over_plain": best["ray-1"]["windows_per_s"] / best["plain"]["windows_per_s"],
+              "plain2_over_plain": best["plain-2"]["windows_per_s"] / best["plain"]["windows_per_s"],
+              "ray2_over_plain2": best["ray-2"]["windows_per_s"] / best["plain-2"]["windows_per_s"],
               "steady_ray2_over_ray1": max(r["steady_windows_per_s"] for r in runs["ray-2"])
               / max(r["steady_windows_per_s"] for r in runs["ray-1"])}
     num_windows = best["plain"]["num_windows"]
@@ -220,6 +275,8 @@ def test_pretokenize_throughput(ray_session, tmp_path):
                   f"{row['load_before']} -> {row['load_after']}")
     print(f"ray 2 actors / 1 actor: {ratios['ray2_over_ray1']:.2f}x end to end, {ratios['steady_ray2_over_ray1']:.2f}x once "
           f"the actors are up (goal >= 1.8 on 2 idle cores); ray 1 actor / plain loop: {ratios['ray1_over_plain']:.2f}")
+    print(f"without Ray: 2 plain processes / the plain loop {ratios['plain2_over_plain']:.2f}x (what 2 workers can gain "
+          f"here); ray 2 actors / 2 plain processes: {ratios['ray2_over_plain2']:.2f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "pretokenize.json").write_text(json.dumps({
         "dataset": {"num_raw_shards": NUM_RECORDINGS, "num_windows": num_windows, "num_channels": 3 * NUM_TRIPLETS + 8,
