@@ -10,6 +10,7 @@ and the first node's address.
 from __future__ import annotations
 
 import shlex
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,13 @@ class ShellVar:
 
 
 Arg = str | ShellVar
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (a single-node rendezvous; the test services' ports)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def shell_join(args: list[Arg]) -> str:

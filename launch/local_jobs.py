@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,23 +18,17 @@ from pathlib import Path
 
 from launch.errors import UserError
 from launch.jobs import JobRecord, JobSpec
-from launch.launchers import launcher_command, process_env
+from launch.launchers import free_port, launcher_command, process_env
 
 MARKER_ENV = "TOKFLEET_JOB_DIR"  # set in the job's environment: proves a pid is still our job's
 STOP_GRACE_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def command(spec: JobSpec) -> list[str]:
     if spec.stage != "train":
         return spec.stage_command(sys.executable)
     spec.config.launch.nodes = 1  # this machine is the one node
-    return [str(arg) for arg in launcher_command(spec, node_rank="0", master_addr="127.0.0.1", master_port=str(_free_port()))]
+    return [str(arg) for arg in launcher_command(spec, node_rank="0", master_addr="127.0.0.1", master_port=str(free_port()))]
 
 
 def environment(spec: JobSpec) -> dict[str, str]:

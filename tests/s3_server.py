@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from launch.launchers import free_port
 import system_packages  # tests/ is on sys.path (pytest, or `python tests/FILE.py`)
 
 START_TIMEOUT_S = 90.0
@@ -30,12 +31,6 @@ START_TIMEOUT_S = 90.0
 
 class S3ServerError(RuntimeError):
     """The server could not be installed or started; the message says which step failed."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 CEPH_CONF = """[global]

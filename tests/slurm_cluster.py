@@ -17,12 +17,12 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+from launch.launchers import free_port
 import system_packages  # tests/ is on sys.path (pytest, or `python tests/FILE.py`)
 
 NODES = ("n1", "n2")
@@ -70,12 +70,6 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 
 class SlurmClusterError(RuntimeError):
     """The cluster could not be installed or started; the message says which step failed."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -120,10 +120,26 @@ def test_print_config_round_trips(tmp_path):
     assert load_config(again, TrainConfig).optim.lr == 0.01
 
 
+def test_saved_configs_hold_no_job_credentials(tmp_path):
+    """launch.env and the Ray runtime env reach the job's processes, not config.yaml / --print-config / wandb."""
+    from launch.config import dump_config
+
+    path = write(tmp_path, {"data": {"dataset": "d"}, "launch": {
+        "env": {"AWS_SECRET_ACCESS_KEY": "s3cr3t-env", "OMP_NUM_THREADS": "4"},
+        "ray": {"runtime_env": {"env_vars": {"WANDB_API_KEY": "s3cr3t-ray", "HF_HOME": "/cache"}}}}})
+    cfg = load_config(path, TrainConfig)
+    assert cfg.launch.env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-env"  # the job still gets it
+    dumped = dump_config(cfg)
+    assert "s3cr3t" not in dumped and "AWS_SECRET_ACCESS_KEY" not in dumped and "WANDB_API_KEY" not in dumped
+    saved = yaml.safe_load(dumped)["launch"]
+    assert saved["env"] == {"OMP_NUM_THREADS": "4"} and saved["ray"]["runtime_env"]["env_vars"] == {"HF_HOME": "/cache"}
+
+
 def test_help_of_every_subcommand():
     result = tokfleet("--help")
     assert result.returncode == 0
-    commands = ["prepare", "pretokenize", "train", "generate", "eval", "inspect", "models", "config-reference", "demo"]
+    commands = ["prepare", "pretokenize", "train", "generate", "eval", "inspect", "models", "config-reference", "demo",
+                "submit", "jobs"]
     for command in commands:
         assert command in result.stdout
         sub = tokfleet(command, "--help")

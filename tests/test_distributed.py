@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,13 @@ import pytest
 import torch
 import yaml
 
+from launch.launchers import free_port
 from sharding.manifest import Manifest
 from trainer.metrics import read_metrics
 
 BIN = Path(sys.executable).parent
 EPOCH_STEPS = 12  # 4 shards x 24 samples / global batch 8
 TIMEOUT = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(tmp_path: Path, dataset: str, name: str, engine: dict, *, micro: int, steps: int = 6, **sections) -> Path:

@@ -191,7 +191,7 @@ def test_stop_ends_a_running_training_job(ray_head, work, token_dataset, monkeyp
 
 
 def test_unreachable_address_exits_2_fast(work, token_dataset):
-    from ray_cluster import free_port
+    from launch.launchers import free_port
 
     config = train_config(work, token_dataset, "nowhere")
     address = f"http://127.0.0.1:{free_port()}"

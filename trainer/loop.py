@@ -265,7 +265,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
                 window_time, window_tokens, window_losses = 0.0, 0, []
             every = cfg.checkpoint.every_steps
-            is_preempted = self.step < last_stop and preemption.should_stop()
+            is_preempted = self.step < last_stop and self._is_due(cfg.logging.every_steps) and preemption.should_stop()
             if (every > 0 and self.step % every == 0) or self.step == self.stop_at_step \
                     or (self.step == cfg.run.max_steps and cfg.checkpoint.save_final) or is_preempted:
                 last_checkpoint = self.save_checkpoint()

@@ -2,10 +2,11 @@
 
 SLURM sends the warning before a time limit or a preemption (`sbatch --signal`, see
 slurm/train.sbatch); `kill -USR1` on a rank does the same by hand. The handler only sets a
-flag: the loop asks `should_stop()` at each step boundary, where a checkpoint is consistent.
-Ranks may see the signal at different steps (or only some of them see it), so with several
-ranks the flag is all-reduced (MAX) every step: one int64 collective, and every rank stops
-after the same step. The loop then saves a checkpoint exactly as `--stop-at-step` does and
+flag: the loop asks `should_stop()` at each logging step (`logging.every_steps`), a step
+boundary where a checkpoint is consistent and the ranks already synchronise to average the loss,
+so the other steps gain no collective and no host-device sync. Ranks may see the signal at
+different steps (or only some of them see it), so with several ranks the flag is all-reduced
+(MAX): one int64 collective, and every rank stops after the same step. The loop then saves a checkpoint exactly as `--stop-at-step` does and
 returns; the job script requeues the job, which resumes with `--resume auto`.
 """
 
@@ -34,7 +35,7 @@ class PreemptionWatcher:
         self._is_requested = True
 
     def should_stop(self) -> bool:
-        """True on every rank once any rank got the signal (collective: every rank calls it each step)."""
+        """True on every rank once any rank got the signal (collective: every rank calls it at the same steps)."""
         self._is_requested = bool(distributed.all_reduce_max(int(self._is_requested)))
         return self._is_requested
 

@@ -251,7 +251,7 @@ def write_config(root: Path, dataset: str, name: str, engine: dict, model_args: 
 
 
 def torchrun(num_ranks: int, *target: str) -> list[str]:
-    from test_distributed import free_port
+    from launch.launchers import free_port
 
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_ranks}", f"--master_port={free_port()}", *target]
 
