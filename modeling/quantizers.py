@@ -162,8 +162,9 @@ class VectorQuantizer(nn.Module):
         indices = []
         with _no_autocast(flat.device):
             for chunk in flat.float().split(rows_per_chunk):
-                # |x - c|^2 without the |x|^2 term, which does not change the argmin
-                distances = code_norms[None, :] - 2 * chunk @ codebook.t()  # (n, K)
+                # |x - c|^2 without the |x|^2 term, which does not change the argmin; one fused
+                # |c|^2 - 2 x.c (addmm) instead of three passes over (n, K)
+                distances = torch.addmm(code_norms, chunk, codebook.t(), alpha=-2)  # (n, K)
                 indices.append(distances.argmin(dim=1))
         return torch.cat(indices) if len(indices) != 1 else indices[0]
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 PROGRAM = "tokfleet pretokenize (sharding.pretokenize_signals)"
 TOKENIZE_VERSION = 1  # bump when the token samples change for the same tokenizer and raw shards
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # this process, as the sidecars name it
 COPIED_FIELDS = {"meg_windows": ("norm_center.npy", "norm_scale.npy", "pos.npy", "sensor_type.npy", "meta.json"),
                  "video_clips": ("meta.json",)}
 
@@ -121,6 +124,7 @@ class ShardTokenizer:
             # much of the wall time this shard had a core (a shared or oversubscribed node shows here)
             cpu_seconds=round(time.thread_time() - start_cpu, 3),
             started_at=round(started_at, 3),  # unix time: when each actor was at work (start-up, stragglers)
+            worker=WORKER,  # which actor built it: with started_at, each actor's timeline
         )
         storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), self.output_options)
         return sidecar

@@ -14,9 +14,11 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +135,11 @@ def test_braintokmix_tokens(meg_mag, checkpoints, tmp_path):
     tokens, samples = check_tokens_match_raw(meg_mag, output, checkpoints[BRAINTOKMIX])
     assert report.num_built_shards == 3 and tokens.tokenizer["num_levels"] == 2
     assert tokens.fields["tokens.npy"]["shape"] == [2, 125, 2] and tokens.seq_len == 125  # (n_neuro, W, Q)
+    # each sidecar names the Ray actor process that built its shard (for per-actor timelines, with started_at)
+    sidecars = [json.loads(Path(output, shard.name.replace(".tar", ".json")).read_text()) for shard in tokens.shards]
+    workers = {sidecar["worker"] for sidecar in sidecars}
+    assert all(sidecar["started_at"] > 0 and sidecar["cpu_seconds"] >= 0 for sidecar in sidecars)
+    assert workers and all(w.rsplit(":", 1)[0] == socket.gethostname() and int(w.rsplit(":", 1)[1]) != os.getpid() for w in workers)
 
 
 @pytest.fixture(scope="module")

@@ -112,6 +112,10 @@ def test_totem_tokenize_decode_and_metrics():
     signal = 5.0 * make_batch("totem")["signal"] + 3.0  # not normalised: decode must restore the scale
     codes = model.tokenize(signal)
     assert codes.shape == (2, 8, 64 // 4) and codes.dtype == torch.int64
+    for series_per_chunk in (1, 3, 16, 100):  # the CPU's cache-sized chunks (uneven, one, more than all) change no code
+        assert torch.equal(model.tokenize(signal, series_per_chunk), codes)
+    assert model.series_per_chunk_for_cache(64, 1) == 1
+    assert model.series_per_chunk_for_cache(64, 32 * (64 // 2) * 4 * 5) == 5  # block_hidden_size 32 at half the length
     assert 0 <= int(codes.min()) and int(codes.max()) < model.config.codebook_size
     stats = model.normalization_stats(signal)
     assert stats.mean.shape == stats.std.shape == (2, 8, 1)

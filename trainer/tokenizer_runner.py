@@ -45,6 +45,10 @@ TOKEN_KINDS = {"meg_windows": "meg_tokens", "video_clips": "video_tokens"}  # ra
 TARGETS = {"codebook_utilization": (">", 0.8), "perplexity": (">", 50.0), "token_entropy_bits": (">", 5.0),
            "reconstruction_mse": ("<", 0.05), "scale_error": ("<", 0.01)}
 VARIANCE_FLOOR = 1e-5  # as TOTEM's revin_eps: a flat series does not blow up the normalised MSE
+# TOTEM on a CPU encodes its series in chunks whose widest activation takes about this many bytes (32
+# series of 500 samples for `small`): ~3x the windows/s of one pass over a batch of 32 MEG windows, whose
+# activations take ~400 MB (tests/bench/test_pretokenize_bench.py). 1-4 MiB measured best with 1 MiB L2/core.
+CPU_CHUNK_BYTES = 2 << 20
 
 
 def file_sha256(path: Path, chunk_bytes: int = 4 << 20) -> str:
@@ -189,7 +193,8 @@ class TokenizerRunner:
         reconstruction = target = None
         if name == "totem":
             signal = inputs["signal"]  # (B, C, T)
-            codes = model.tokenize(signal)  # (B, C, W)
+            chunk = model.series_per_chunk_for_cache(signal.shape[-1], CPU_CHUNK_BYTES) if self.device.type == "cpu" else None
+            codes = model.tokenize(signal, chunk)  # (B, C, W)
             stats = model.normalization_stats(signal)  # mean, std (B, C, 1)
             for i, item in enumerate(extra):
                 item["revin_mean"] = stats.mean[i, :, 0].float().cpu().numpy()
