@@ -32,7 +32,7 @@ from launch.config import (  # noqa: E402
 from sharding.manifest import Manifest  # noqa: E402
 from sharding.prepare_signals import prepare_signals  # noqa: E402
 from sharding.pretokenize_signals import pretokenize_signals  # noqa: E402
-from sharding.shard_build import verify_dataset  # noqa: E402
+from sharding.shard_build import sidecar_name, verify_dataset  # noqa: E402
 from sharding.shards import read_shard  # noqa: E402
 from test_prepare_signals import MEG_OPTIONS, file_ids, train_on  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_braintokmix_tokens(meg_mag, checkpoints, tmp_path):
     assert report.num_built_shards == 3 and tokens.tokenizer["num_levels"] == 2
     assert tokens.fields["tokens.npy"]["shape"] == [2, 125, 2] and tokens.seq_len == 125  # (n_neuro, W, Q)
     # each sidecar names the Ray actor process that built its shard (for per-actor timelines, with started_at)
-    sidecars = [json.loads(Path(output, shard.name.replace(".tar", ".json")).read_text()) for shard in tokens.shards]
+    sidecars = [json.loads(Path(output, sidecar_name(shard.name)).read_text()) for shard in tokens.shards]
     workers = {sidecar["worker"] for sidecar in sidecars}
     assert all(sidecar["started_at"] > 0 and sidecar["cpu_seconds"] >= 0 for sidecar in sidecars)
     assert workers and all(w.rsplit(":", 1)[0] == socket.gethostname() and int(w.rsplit(":", 1)[1]) != os.getpid() for w in workers)

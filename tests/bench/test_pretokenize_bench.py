@@ -62,16 +62,15 @@ NUM_ROUNDS = 3
 SETTLE_CPU_PERCENT, SETTLE_MAX_S = 10.0, 20.0
 
 
-def settle() -> float:
+def settle() -> None:
     """Wait (up to SETTLE_MAX_S) until the machine's CPUs are idle for half a second: the previous run's
     processes exiting (and Ray starting spare workers after its actors die) must not land in this run,
-    least of all on a 2-worker run that needs both cores. Returns the seconds waited."""
+    least of all on a 2-worker run that needs both cores."""
     import psutil
 
-    start = time.perf_counter()
-    while psutil.cpu_percent(interval=0.5) > SETTLE_CPU_PERCENT and time.perf_counter() - start < SETTLE_MAX_S:
+    deadline = time.perf_counter() + SETTLE_MAX_S
+    while psutil.cpu_percent(interval=0.5) > SETTLE_CPU_PERCENT and time.perf_counter() < deadline:
         pass
-    return time.perf_counter() - start
 
 
 def load_average() -> list[float]:
