@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,7 +24,10 @@ import yaml
 from trainer.metrics import read_metrics
 
 BIN = Path(sys.executable).parent
-STEPS = 120  # long enough (~4 s of steps on an idle machine) for a warning signal to land mid-run
+# long enough for a warning signal sent at step SIGNAL_AFTER to land mid-run: ~10 s of steps on an idle
+# machine (with 120 steps a CI run once had no checkpoint between the regular ones)
+STEPS, EVERY = 300, 100
+SIGNAL_AFTER = 5
 TIMEOUT = 240
 
 
@@ -35,7 +39,7 @@ def train_config(tmp_path: Path, dataset: str, name: str, **sections) -> Path:
         # constant LR: the first N steps do not depend on max_steps, so shorter runs compare too
         "optim": {"lr": 3e-3, "warmup_steps": 0, "schedule": "constant", "micro_batch_size": 4, "grad_accum_steps": 1},
         "engine": {"kind": "accelerate", "strategy": "ddp", "peak_flops": 1e11},
-        "checkpoint": {"every_steps": 50, "keep_last": 5},
+        "checkpoint": {"every_steps": EVERY, "keep_last": 5},
         "logging": {"every_steps": 1, "progress": False, "wandb": False},
         "eval": {"every_steps": 0},
     }
@@ -98,10 +102,10 @@ class TrainingRuns:
         local = subprocess.Popen([str(BIN / "tokfleet"), "submit", "local", str(train_config(root, dataset, "local")), "--nproc", "2"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
-        # SLURM's warning (what it sends --signal-seconds before the time limit) once 10 steps are done
+        # SLURM's warning (what it sends --signal-seconds before the time limit) once SIGNAL_AFTER steps are done
         metrics = root / "preempted" / "metrics.jsonl"
         deadline = time.monotonic() + TIMEOUT
-        while not metrics.exists() or len(read_metrics(metrics)) < 10:
+        while not metrics.exists() or len(read_metrics(metrics)) < SIGNAL_AFTER:
             assert time.monotonic() < deadline, tokfleet("jobs", "logs", str(root / "preempted"), env=cluster.env()).stdout[-3000:]
             time.sleep(0.2)
         cluster.run("scancel", "--signal=USR1", "--batch", self.preempted_id)
@@ -150,10 +154,11 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(runs):
     log = (run_dir / "logs" / f"slurm-{runs.preempted_id}.out").read_text()
     assert "requeueing job" in log and "(restart 1)" in log, log[-3000:]
     # a checkpoint where the signal landed, between the regular ones, and the requeued job resumed from it
+    stops = [int(step) for step in re.findall(r"stop signal: checkpointed step (\d+) and stopped", log)]
+    assert len(stops) == 1 and SIGNAL_AFTER <= stops[0] < STEPS, log[-3000:]
     saved = {int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")}
-    stopped_at = sorted(saved - {50, 100, STEPS})
-    assert len(stopped_at) == 1 and 10 <= stopped_at[0] < STEPS, stopped_at
-    assert f"step-{stopped_at[0]:08d} at step {stopped_at[0]}" in log
+    assert saved == {stops[0], *range(EVERY, STEPS + 1, EVERY)}
+    assert f"step-{stops[0]:08d} at step {stops[0]}" in log
     # nothing trained before the signal is lost or done twice: the uninterrupted run's losses
     assert losses(run_dir) == losses(runs.root / "local")
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, STEPS + 1))
