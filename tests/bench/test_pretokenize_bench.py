@@ -2,8 +2,9 @@
 
 The same raw MEG dataset (NUM_RECORDINGS synthetic recordings of Neuromag sensor triplets + EEG,
 one raw shard each, made by `prepare_signals`) is tokenized by a `small` TOTEM (the shipped
-pretokenize config's model; trained one step: the weights do not change the cost) three ways, in
-interleaved rounds so that a change in the machine's load hits every way alike:
+pretokenize config's model; trained one step: the weights do not change the cost) four ways, in
+interleaved rounds (odd rounds in reverse order) so that a change in the machine's load or speed
+hits every way alike:
 
     plain   this process calls ShardTokenizer, the actors' own builder, shard after shard: read the
             raw shard, check its sha256, tokenize in batches of BATCH_SIZE, write the token shard and
@@ -19,7 +20,9 @@ Every way runs torch with ONE thread: actors.num_cpus is 1, so ShardTokenizer ca
 torch.set_num_threads(1) in each actor, and the plain loop builds the same ShardTokenizer in this
 process (in a thread at the Ray workers' niceness, see run_plain). Windows/s is wall time from
 building the tokenizer (plain) or from after Ray is up (ray-N: the report's build_seconds, which
-includes starting the actors) to the last shard written; best of NUM_ROUNDS. Ratios: ray-2 /
+includes starting the actors) to the last shard written; best of NUM_ROUNDS, and the ratios of the
+runs paired within a round (run back to back; their median), because this host's speed drifts
+~20% from minute to minute. Ratios: ray-2 /
 ray-1 with every actor at work (all_busy_rate: the throughput of a running pipeline; the goal,
 >= 1.8 on 2 idle cores), from the first shard started to the last written (steady: adds the
 stagger of the actors' starts and the tail where one actor has finished), and end to end (with the
@@ -27,7 +30,9 @@ fixed ~3-5 s before the first shard: Ray Data starting, each new actor process i
 and ray.data; a job of hours amortises it), and ray-1 / plain (what Ray costs one worker). Each run
 starts once the CPUs are idle (settle): on 2 cores, the previous run's processes exiting would
 otherwise land in the next one.
-Where the time went comes from the token sidecars' per-shard records (describe_run): start-up,
+Cores at work (windows/s x CPU s per window while all workers are busy) cancels the host's speed and
+leaves the share of the machine the workers had. Where the time went comes from the token
+sidecars' per-shard records (describe_run): start-up,
 not busy (wall - build seconds per worker: start-up, Ray Data dispatch, a tail where one actor
 waits for the other), CPU ms per window and the CPU share (below 1: the workers waited for a
 core, so the machine was not idle and the ratios say little), and the driver's CPU seconds
@@ -44,6 +49,7 @@ import functools
 import json
 import os
 import resource
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -58,7 +64,7 @@ RESULTS = Path(__file__).parent / "results"
 NUM_RECORDINGS, SECONDS, NUM_TRIPLETS = 48, 40.0, 32
 SFREQ, WINDOW_S = 250.0, 2.0
 BATCH_SIZE = 32
-NUM_ROUNDS = 3
+NUM_ROUNDS = 5
 SETTLE_CPU_PERCENT, SETTLE_MAX_S = 10.0, 20.0
 
 
@@ -286,7 +292,10 @@ def test_pretokenize_throughput(local_ray, tmp_path):
     runs: dict[str, list[dict]] = {name: [] for name in ways}
     reference_hashes: list[str] = []
     for round_index in range(NUM_ROUNDS):
-        for name, (num_workers, run) in ways.items():
+        # ABBA: odd rounds run the ways in reverse, so a drift in the host's speed does not favour one side of a pair
+        order = list(ways) if round_index % 2 == 0 else list(reversed(ways))
+        for name in order:
+            num_workers, run = ways[name]
             output = str(tmp_path / f"tokens-{name}-{round_index}")
             settle()
             load_before, started_at, cpu_before = load_average(), time.time(), process_cpu_s()
@@ -312,6 +321,20 @@ def test_pretokenize_throughput(local_ray, tmp_path):
               "plain2_over_plain": best["plain-2"]["windows_per_s"] / best["plain"]["windows_per_s"],
               "busy_ray2_over_plain2": best_of("ray-2", "all_busy_windows_per_s") / best_of("plain-2", "all_busy_windows_per_s"),
               "ray2_over_plain2": best["ray-2"]["windows_per_s"] / best["plain-2"]["windows_per_s"]}
+    def paired(two: str, one: str) -> list[float]:
+        """Per round: the 2-worker way's all-busy windows/s over the 1-worker way's, the two run back to back."""
+        return [round(a["all_busy_windows_per_s"] / b["all_busy_windows_per_s"], 3) for a, b in zip(runs[two], runs[one])]
+
+    def cores_at_work(row: dict) -> float:
+        """Windows/s x CPU s per window: the cores' worth of tokenizing a way got while all its workers were at
+        work. The host's speed cancels out (it scales both factors inversely); what remains is how much of the
+        machine the workers had (1 - what Ray's own processes and other jobs took)."""
+        return row["all_busy_windows_per_s"] * row["cpu_ms_per_window"] / 1000
+
+    pairs = {"ray2_over_ray1": paired("ray-2", "ray-1"), "plain2_over_plain": paired("plain-2", "plain")}
+    ratios["median_paired_ray2_over_ray1"] = statistics.median(pairs["ray2_over_ray1"])
+    ratios["median_paired_plain2_over_plain"] = statistics.median(pairs["plain2_over_plain"])
+    cores = {name: [round(cores_at_work(row), 3) for row in rows] for name, rows in runs.items()}
     num_windows = best["plain"]["num_windows"]
     print(f"\npretokenize {num_windows} windows ({NUM_RECORDINGS} raw shards, {3 * NUM_TRIPLETS + 8} channels "
           f"x {int(SFREQ * WINDOW_S)} samples), TOTEM small, batch {BATCH_SIZE}, torch 1 thread per worker; "
@@ -328,6 +351,11 @@ def test_pretokenize_throughput(local_ray, tmp_path):
     print(f"ray 2 actors / 1 actor: {ratios['busy_ray2_over_ray1']:.2f}x with every actor at work (goal >= 1.8 on 2 idle "
           f"cores), {ratios['steady_ray2_over_ray1']:.2f}x from the first shard to the last, {ratios['ray2_over_ray1']:.2f}x end "
           f"to end; ray 1 actor / plain loop: {ratios['ray1_over_plain']:.2f}")
+    print(f"paired by round (run back to back): ray 2 / 1 actor {pairs['ray2_over_ray1']} (median "
+          f"{ratios['median_paired_ray2_over_ray1']:.2f}x); 2 plain processes / plain loop {pairs['plain2_over_plain']} "
+          f"(median {ratios['median_paired_plain2_over_plain']:.2f}x)")
+    print("cores at work while all workers were busy (windows/s x CPU s per window; host speed cancels): "
+          + ", ".join(f"{name} {statistics.median(values):.2f}" for name, values in cores.items()))
     print(f"without Ray: 2 plain processes / the plain loop {ratios['busy_plain2_over_plain']:.2f}x with both at work, "
           f"{ratios['plain2_over_plain']:.2f}x end to end (what 2 workers can gain here); ray 2 actors / 2 plain processes: "
           f"{ratios['busy_ray2_over_plain2']:.2f} with all at work, {ratios['ray2_over_plain2']:.2f} end to end")
@@ -339,5 +367,6 @@ def test_pretokenize_throughput(local_ray, tmp_path):
         "worker_niceness": niceness,
         "rounds": NUM_ROUNDS, "cpu_count": os.cpu_count(), "runs": runs,
         "best_windows_per_s": {name: row["windows_per_s"] for name, row in best.items()},
+        "paired_all_busy_ratios": pairs, "cores_at_work": cores,
         **{name: round(value, 3) for name, value in ratios.items()},
     }, indent=1) + "\n")
