@@ -509,9 +509,20 @@ class Vidtok(TokenizerModel):
         return loss
 
     @torch.no_grad()
-    def tokenize(self, video: torch.Tensor) -> torch.Tensor:
-        """video -> indices int64 (B, T', H', W') (FSQ) or (B, T', H', W', Q) (RVQ). No state changes."""
-        return self.encode(video, update=False).indices
+    def tokenize(self, video: torch.Tensor, clips_per_chunk: int | None = None) -> torch.Tensor:
+        """video -> indices int64 (B, T', H', W') (FSQ) or (B, T', H', W', Q) (RVQ). No state changes.
+
+        clips_per_chunk: encode the clips that many at a time (None: all at once). The codes are the
+        same; on a CPU, chunks whose activations fit in the shared cache run faster than one pass over
+        a big batch (`clips_per_chunk_for_cache`).
+        """
+        chunks = video.split(clips_per_chunk or video.shape[0])
+        return torch.cat([self.encode(chunk, update=False).indices for chunk in chunks])
+
+    def clips_per_chunk_for_cache(self, num_frames: int, height: int, width: int, cache_bytes: int) -> int:
+        """Clips of num_frames x height x width per `tokenize` chunk whose widest activation (base_channels
+        fp32 channels at the clip's full resolution, the encoder's first level) takes about `cache_bytes`."""
+        return max(1, cache_bytes // (self.config.base_channels * num_frames * height * width * 4))
 
     def decode(self, indices: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         """indices from tokenize -> video float (B, C, T, H, W) in about [-1, 1] (see model_output_to_video);

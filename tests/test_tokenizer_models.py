@@ -179,6 +179,9 @@ def test_vidtok_tokenize_decode_shapes(name):
     expected = (2, 2, 8, 8) if name == "Vidtok" else (2, 2, 8, 8, model.config.num_quantizers)
     assert indices.shape == expected and indices.dtype == torch.int64
     assert 0 <= int(indices.min()) and int(indices.max()) < model.codebook_size
+    assert torch.equal(model.tokenize(video, 1), indices)  # the CPU's cache-sized chunks change no code
+    assert model.clips_per_chunk_for_cache(3, 16, 16, 1) == 1
+    assert model.clips_per_chunk_for_cache(3, 16, 16, 8 * 3 * 16 * 16 * 4 * 5) == 5  # base_channels 8 at full size
     with torch.no_grad():
         decoded = model.decode(indices, num_frames=3)
     assert decoded.shape == (2, 3, 3, 16, 16) and decoded.dtype == torch.float32
