@@ -263,6 +263,17 @@ def cmd_config_reference(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ parser
 
 
+def add_pipeline_arguments(parser: argparse.ArgumentParser, kind: str, strict_help: str) -> None:
+    """The arguments of a data pipeline command (prepare, pretokenize)."""
+    parser.add_argument("config", help=f"YAML {kind} config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--strict", action="store_true", help=strict_help)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trainer.entry import DESCRIPTION as TRAIN_DESCRIPTION, add_arguments as add_train_arguments
 
@@ -274,13 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "meg (MEG/EEG recordings via mne: filter, resample, normalised windows + sensor metadata) "
                                          "or video (PyAV: resized clips) into WebDataset shards with a manifest.json. "
                                          "Re-running builds only missing or stale shards; unusable inputs are skipped and listed.")
-    prepare.add_argument("config", help="YAML prepare config")
-    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config value (repeatable)")
-    prepare.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    prepare.add_argument("--quiet", action="store_true", help="no progress bars")
-    prepare.add_argument("--strict", action="store_true", help="an unusable input (corrupt, truncated, empty) is an error, not skipped")
-    prepare.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    add_pipeline_arguments(prepare, "prepare", strict_help="an unusable input (corrupt, truncated, empty) is an error, not skipped")
     prepare.set_defaults(func=cmd_prepare)
 
     train = sub.add_parser("train", help="train a model from a run config", description=TRAIN_DESCRIPTION)
@@ -331,13 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "BrainTokMix, Vidtok, VidtokRVQ), turns a `tokfleet prepare` dataset into token shards "
                                              "(same sample keys) with a manifest.json recording the tokenizer's provenance. "
                                              "Re-running builds only missing or stale shards.")
-    pretokenize.add_argument("config", help="YAML pretokenize config")
-    pretokenize.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                             help="override a config value (repeatable)")
-    pretokenize.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    pretokenize.add_argument("--quiet", action="store_true", help="no progress bars")
-    pretokenize.add_argument("--strict", action="store_true", help="a missing or changed raw shard is an error, not skipped")
-    pretokenize.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    add_pipeline_arguments(pretokenize, "pretokenize", strict_help="a missing or changed raw shard is an error, not skipped")
     pretokenize.set_defaults(func=cmd_pretokenize)
 
     evaluation = sub.add_parser("eval", help="a tokenizer checkpoint's codebook and reconstruction quality on a raw dataset",

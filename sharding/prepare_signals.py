@@ -32,6 +32,7 @@ from launch.errors import UserError
 from sharding import storage
 from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord, SkippedInput
 from sharding.shard_build import (
+    BuildReport,
     SkipInput,
     build_id,
     build_on_ray,
@@ -196,29 +197,13 @@ def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]]) -> list[Signa
     return specs
 
 
-@dataclass
-class PrepareReport:
-    """What a prepare run made: the manifest, and what this run itself built (for the summary line)."""
-
-    manifest: Manifest
-    output: str  # the dataset root
-    unit: str  # "windows" or "clips"
-    num_built_shards: int
-    num_built_samples: int
-    num_built_bytes: int
-    build_seconds: float
-
-    def summary(self) -> str:
+class PrepareReport(BuildReport):
+    def contents(self) -> str:
         manifest = self.manifest
         train, val = manifest.num_samples("train"), manifest.num_samples("val")
         num_bytes = sum(shard.num_bytes for shard in manifest.shards)
-        line = (f"dataset {self.output}: {manifest.stats['num_files']} files -> {train} train + {val} val {self.unit} "
-                f"in {len(manifest.shards)} shards, {num_bytes / 1e6:.1f} MB, {len(manifest.skipped)} inputs skipped; ")
-        if self.num_built_shards == 0:
-            return line + "nothing to build (all shards complete)"
-        seconds = max(self.build_seconds, 1e-9)
-        return line + (f"built {self.num_built_shards} shards in {self.build_seconds:.1f} s "
-                       f"({self.num_built_samples / seconds:.1f} {self.unit}/s, {self.num_built_bytes / 1e6 / seconds:.1f} MB/s)")
+        return (f"dataset {self.output}: {manifest.stats['num_files']} files -> {train} train + {val} val {self.unit} "
+                f"in {len(manifest.shards)} shards, {num_bytes / 1e6:.1f} MB, {len(manifest.skipped)} inputs skipped")
 
 
 def prepare_signals(cfg: PrepareConfig, progress: bool = True, strict: bool = False) -> PrepareReport:

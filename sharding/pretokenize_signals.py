@@ -36,6 +36,7 @@ from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord, SkippedInpu
 from sharding.prepare_signals import fields_of, merge_shapes
 from sharding.shard_build import (
     ActorPool,
+    BuildReport,
     build_id,
     build_on_ray,
     check_shard_name,
@@ -170,30 +171,14 @@ def _shard_specs(cfg: PretokenizeConfig, raw: Manifest, weights_sha256: str) -> 
     return specs
 
 
-@dataclass
-class PretokenizeReport:
-    """What a pretokenize run made: the manifest, and what this run itself built (for the summary line)."""
-
-    manifest: Manifest
-    output: str
-    unit: str  # "windows" or "clips"
-    num_built_shards: int
-    num_built_samples: int
-    num_built_bytes: int
-    build_seconds: float
-
-    def summary(self) -> str:
+class PretokenizeReport(BuildReport):
+    def contents(self) -> str:
         manifest = self.manifest
         train, val = manifest.num_samples("train"), manifest.num_samples("val")
         num_bytes = sum(shard.num_bytes for shard in manifest.shards)
-        line = (f"token dataset {self.output}: {manifest.sources['num_raw_shards']} raw shards of {manifest.stats['num_files']} files "
+        return (f"token dataset {self.output}: {manifest.sources['num_raw_shards']} raw shards of {manifest.stats['num_files']} files "
                 f"-> {train} train + {val} val {self.unit} ({manifest.stats['num_tokens']} tokens) in {len(manifest.shards)} shards, "
-                f"{num_bytes / 1e6:.1f} MB, {len(manifest.skipped)} raw shards skipped; ")
-        if self.num_built_shards == 0:
-            return line + "nothing to build (all shards complete)"
-        seconds = max(self.build_seconds, 1e-9)
-        return line + (f"built {self.num_built_shards} shards in {self.build_seconds:.1f} s "
-                       f"({self.num_built_samples / seconds:.1f} {self.unit}/s, {self.num_built_bytes / 1e6 / seconds:.2f} MB/s)")
+                f"{num_bytes / 1e6:.1f} MB, {len(manifest.skipped)} raw shards skipped")
 
 
 def plan_pretokenize(cfg: PretokenizeConfig) -> tuple[Any, Manifest, list[TokenShardSpec]]:

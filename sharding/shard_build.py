@@ -213,6 +213,31 @@ def build_on_ray(
 # ------------------------------------------------------------------ finishing
 
 
+@dataclass
+class BuildReport:
+    """What a pipeline run made: the manifest, and what this run itself built (for the summary line)."""
+
+    manifest: Manifest
+    output: str  # the dataset root
+    unit: str  # "windows", "clips"
+    num_built_shards: int
+    num_built_samples: int
+    num_built_bytes: int
+    build_seconds: float
+
+    def contents(self) -> str:
+        """The summary line's first part: what the whole dataset holds."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        line = self.contents() + "; "
+        if self.num_built_shards == 0:
+            return line + "nothing to build (all shards complete)"
+        seconds = max(self.build_seconds, 1e-9)
+        return line + (f"built {self.num_built_shards} shards in {self.build_seconds:.1f} s "
+                       f"({self.num_built_samples / seconds:.1f} {self.unit}/s, {self.num_built_bytes / 1e6 / seconds:.2f} MB/s)")
+
+
 def created_by(cfg: Any, program: str, how_it_ran: tuple[str, ...] = ("ray", "launch")) -> dict[str, Any]:
     """The manifest's `created_by`: the program and what it was asked to make (no credentials, not how it ran).
 
