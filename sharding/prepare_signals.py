@@ -200,8 +200,7 @@ def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]]) -> list[Signa
 class PrepareReport(BuildReport):
     def contents(self) -> str:
         manifest = self.manifest
-        train, val = manifest.num_samples("train"), manifest.num_samples("val")
-        num_bytes = sum(shard.num_bytes for shard in manifest.shards)
+        train, val, num_bytes = self.totals()
         return (f"dataset {self.output}: {manifest.stats['num_files']} files -> {train} train + {val} val {self.unit} "
                 f"in {len(manifest.shards)} shards, {num_bytes / 1e6:.1f} MB, {len(manifest.skipped)} inputs skipped")
 

@@ -174,8 +174,7 @@ def _shard_specs(cfg: PretokenizeConfig, raw: Manifest, weights_sha256: str) -> 
 class PretokenizeReport(BuildReport):
     def contents(self) -> str:
         manifest = self.manifest
-        train, val = manifest.num_samples("train"), manifest.num_samples("val")
-        num_bytes = sum(shard.num_bytes for shard in manifest.shards)
+        train, val, num_bytes = self.totals()
         return (f"token dataset {self.output}: {manifest.sources['num_raw_shards']} raw shards of {manifest.stats['num_files']} files "
                 f"-> {train} train + {val} val {self.unit} ({manifest.stats['num_tokens']} tokens) in {len(manifest.shards)} shards, "
                 f"{num_bytes / 1e6:.1f} MB, {len(manifest.skipped)} raw shards skipped")

@@ -226,8 +226,13 @@ class BuildReport:
     build_seconds: float
 
     def contents(self) -> str:
-        """The summary line's first part: what the whole dataset holds."""
+        """The summary line's first part: what the whole dataset holds (`totals()` and the pipeline's own counts)."""
         raise NotImplementedError
+
+    def totals(self) -> tuple[int, int, int]:
+        """(train samples, val samples, bytes) of the whole dataset."""
+        manifest = self.manifest
+        return manifest.num_samples("train"), manifest.num_samples("val"), sum(shard.num_bytes for shard in manifest.shards)
 
     def summary(self) -> str:
         line = self.contents() + "; "

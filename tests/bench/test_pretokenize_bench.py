@@ -321,6 +321,7 @@ def test_pretokenize_throughput(local_ray, tmp_path):
               "plain2_over_plain": best["plain-2"]["windows_per_s"] / best["plain"]["windows_per_s"],
               "busy_ray2_over_plain2": best_of("ray-2", "all_busy_windows_per_s") / best_of("plain-2", "all_busy_windows_per_s"),
               "ray2_over_plain2": best["ray-2"]["windows_per_s"] / best["plain-2"]["windows_per_s"]}
+
     def paired(two: str, one: str) -> list[float]:
         """Per round: the 2-worker way's all-busy windows/s over the 1-worker way's, the two run back to back."""
         return [round(a["all_busy_windows_per_s"] / b["all_busy_windows_per_s"], 3) for a, b in zip(runs[two], runs[one])]
