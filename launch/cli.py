@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
         if not cfg.ray.address:  # a local Ray stays on loopback on shared machines; a cluster is joined where it is
             ensure_confined()
+        if cfg.source.kind == "tokens":
+            from sharding.token_ids import prepare_token_ids
+
+            report = prepare_token_ids(cfg, progress=not args.quiet, strict=args.strict)  # starts Ray only if a shard is missing
+            print(report.summary())
+            return
         if cfg.source.kind != "text":
             from sharding.prepare_signals import prepare_signals
 
@@ -68,15 +75,41 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from trainer.causal_eval import checkpoint_task, evaluate_causal, format_causal_report
     from trainer.engines.single import pick_device
     from trainer.tokenizer_runner import evaluate, format_report
 
     with exit_on_user_error(args.debug):
-        report = evaluate(args.checkpoint, args.data, split=args.split, num_batches=args.num_batches,
-                          batch_size=args.batch_size, device=pick_device(args.device))
-    print(format_report(report))
+        _, task = checkpoint_task(args.checkpoint)
+        run = evaluate_causal if task == "causal_lm" else evaluate  # a sequence model, else a tokenizer
+        report = run(args.checkpoint, args.data, split=args.split, num_batches=args.num_batches,
+                     batch_size=args.batch_size, device=pick_device(args.device))
+    print(format_causal_report(report) if task == "causal_lm" else format_report(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def cmd_forecast(args: argparse.Namespace) -> None:
+    from trainer.engines.single import pick_device
+    from trainer.forecast import BASELINES, ForecastRequest, forecast
+
+    with exit_on_user_error(args.debug):
+        request = ForecastRequest(
+            forecaster=args.forecaster, tokenizer=args.tokenizer, data=args.data, recording=args.recording, split=args.split,
+            num_windows=args.num_windows, context=args.context, horizon=args.horizon, num_samples=args.num_samples,
+            temperature=args.temperature, top_k=args.top_k, seed=args.seed, out=args.out, device=str(pick_device(args.device)),
+        )
+        report = forecast(request)
+    unit = "samples" if report["kind"] == "meg_windows" else "frames"
+    print(f"forecast {report['model']} on {report['tokenizer_model']} codes, {report['num_windows']} windows of {report['data']}: "
+          f"context {report['context'][unit]} {unit}, horizon {report['horizon'][unit]} {unit}, {report['num_samples']} sample(s)")
+    print(f"  {'method':16s} {'MSE':>10s} {'MAE':>10s} {'corr':>7s} {'scale err':>9s}   (normalised units)")
+    for name in ("model", "mean_of_samples", *BASELINES):
+        if name in report["metrics"]:
+            m = report["metrics"][name]["normalized"]
+            corr = "-" if m["correlation"] is None else f"{m['correlation']:.3f}"
+            print(f"  {name:16s} {m['mse']:10.4g} {m['mae']:10.4g} {corr:>7s} {m['scale_error']:9.3f}")
+    print(f"  wrote {args.out}/forecast.json and {', '.join(report['outputs'])}")
 
 
 # ------------------------------------------------------------------ train / demo
@@ -100,16 +133,27 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from modeling.registry import get_model_spec
     from sharding.text_tokenizer import load_tokenizer
     from trainer.engines.single import pick_device
     from trainer.inference import load_model
 
+    is_ids = args.prompt_tokens is not None  # ids in, ids out: no text tokenizer
     with exit_on_user_error(args.debug):
+        if is_ids and args.prompt:
+            raise UserError("--prompt (text) and --prompt-tokens (ids) exclude each other: give one")
+        if args.num_samples < 1:
+            raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
         device = pick_device(args.device)
         model, state, tokenizer_dir = load_model(args.checkpoint, device)
-        if tokenizer_dir is None or not tokenizer_dir.is_dir():
-            raise UserError(f"{args.checkpoint}: no tokenizer folder next to the checkpoint's run dir")
-        tokenizer, eos_id = load_tokenizer(str(tokenizer_dir))
+        name = state["model"]["name"]
+        if is_ids and get_model_spec(name).task != "causal_lm":
+            raise UserError(f"--prompt-tokens continues a causal token model (gpt); {name} is a {get_model_spec(name).task} model")
+        if not is_ids:
+            if tokenizer_dir is None or not tokenizer_dir.is_dir():
+                raise UserError(f"{args.checkpoint}: no tokenizer folder next to the checkpoint's run dir "
+                                "(a model trained on token ids continues --prompt-tokens)")
+            tokenizer, eos_id = load_tokenizer(str(tokenizer_dir))
         if getattr(model, "inference_modes", None):  # latent chunk models (TokCom): --mode generate/reconstruct/encode
             from trainer.latent_inference import LatentRequest, run_latent_mode, seed_config
 
@@ -117,26 +161,47 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                     args.num_steps, args.batch_size, args.output_file, args.seed)
             lines = run_latent_mode(model, tokenizer, eos_id, request, device)
             config = seed_config(model, state, tokenizer_dir)
-            print(f"{state['model']['name']}: " + ", ".join(f"{k} {v}" for k, v in config.items()), file=sys.stderr)
+            print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in config.items()), file=sys.stderr)
             print("\n".join(lines))
             return
         if args.mode is not None:
-            raise UserError(f"--mode is for latent models (TokCom); {state['model']['name']} continues --prompt")
-        ids = tokenizer.encode(args.prompt, add_special_tokens=False) if args.prompt else []
-        if not ids:
-            ids = [eos_id]
+            raise UserError(f"--mode is for latent models (TokCom); {name} continues --prompt")
         limit = state["model"]["args"]["sequence_len"]
+        if is_ids:
+            ids = _prompt_token_ids(args.prompt_tokens, state["model"]["args"]["vocab_size"])
+        else:
+            ids = tokenizer.encode(args.prompt, add_special_tokens=False) if args.prompt else []
+            if not ids:
+                ids = [eos_id]
         max_new = min(args.max_new_tokens, limit - len(ids))
         if max_new <= 0:
-            raise UserError(f"--prompt is {len(ids)} tokens: no room left in the model's context of {limit}")
+            raise UserError(f"--prompt{'-tokens' if is_ids else ''} is {len(ids)} tokens: no room left in the model's context of {limit}")
         generator = torch.Generator(device=device).manual_seed(args.seed)
         prompt = torch.tensor([ids] * args.num_samples, device=device)
         out = model.generate(prompt, max_new, temperature=args.temperature, top_k=args.top_k, generator=generator)
     for i, row in enumerate(out.tolist()):
+        if is_ids:  # one line per sample, the prompt first
+            print(" ".join(map(str, row)))
+            continue
         text = tokenizer.decode(row[len(ids):], skip_special_tokens=False)
         if args.num_samples > 1:
             print(f"--- sample {i} ---")
         print(args.prompt + text)
+
+
+def _prompt_token_ids(text: str, vocab_size: int) -> list[int]:
+    """--prompt-tokens "80 81 83": whitespace-separated ids, each in [0, vocab_size)."""
+    words = text.split()
+    if not words:
+        raise UserError("--prompt-tokens: no ids given (whitespace-separated integers, e.g. \"80 81 83\")")
+    ids = []
+    for index, word in enumerate(words):
+        if not re.fullmatch(r"-?[0-9]+", word):
+            raise UserError(f"--prompt-tokens: {word!r} (index {index}) is not an integer token id")
+        if not 0 <= int(word) < vocab_size:
+            raise UserError(f"--prompt-tokens: id {word} (index {index}) is outside the model's vocabulary [0, {vocab_size})")
+        ids.append(int(word))
+    return ids
 
 
 # ------------------------------------------------------------------ inspect
@@ -292,11 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    generate = sub.add_parser("generate", help="sample text from a trained checkpoint",
-                              description="Load a checkpoint (or a run dir's newest one) and continue a prompt (GPT), or "
-                                          "generate / reconstruct / encode with a latent model (TokCom, --mode).")
+    generate = sub.add_parser("generate", help="sample text or token ids from a trained checkpoint",
+                              description="Load a checkpoint (or a run dir's newest one) and continue a prompt (GPT): text "
+                                          "(--prompt, through the run's tokenizer) or token ids (--prompt-tokens, printed as ids, "
+                                          "one line per sample), or generate / reconstruct / encode with a latent model (TokCom, --mode).")
     generate.add_argument("--checkpoint", required=True, help="checkpoint folder or run dir")
     generate.add_argument("--prompt", default="", help="text to continue (empty: start from end-of-text)")
+    generate.add_argument("--prompt-tokens", metavar="IDS",
+                          help="token ids to continue instead of text, e.g. \"80 81 83\" (runs on token-id data need no tokenizer); "
+                               "prints each sample's ids, prompt first, one line per sample")
     generate.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
     generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
     generate.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
@@ -339,19 +408,48 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_arguments(pretokenize, "pretokenize", strict_help="a missing or changed raw shard is an error, not skipped")
     pretokenize.set_defaults(func=cmd_pretokenize)
 
-    evaluation = sub.add_parser("eval", help="a tokenizer checkpoint's codebook and reconstruction quality on a raw dataset",
-                                description="Codebook utilisation, perplexity, token entropy (bits), normalised reconstruction "
-                                            "MSE and scale error of a tokenizer checkpoint on the first batches of a split, "
-                                            "against the seed's TOTEM goals; printed as a table, written as JSON with --out.")
-    evaluation.add_argument("checkpoint", help="tokenizer checkpoint folder or run dir")
-    evaluation.add_argument("--data", required=True, help="raw dataset root (MEG/EEG windows or video clips)")
+    evaluation = sub.add_parser("eval", help="a causal model's next-token metrics, or a tokenizer's codebook and reconstruction quality",
+                                description="A causal sequence model (gpt, FlatGPT*, BrainOmniCausalForecast): mean cross-entropy "
+                                            "(nats), perplexity, next-token and top-5 accuracy, overall and per RVQ level, next to "
+                                            "the unigram baseline of the same targets, on the first batches of a split of token "
+                                            "shards (or raw windows/clips its tokenizer codes on the fly). A tokenizer checkpoint: "
+                                            "codebook utilisation, perplexity, token entropy (bits), normalised reconstruction MSE "
+                                            "and scale error on a raw dataset, against the seed's TOTEM goals. Printed as a table, "
+                                            "written as JSON with --out.")
+    evaluation.add_argument("checkpoint", help="checkpoint folder or run dir (its newest complete checkpoint)")
+    evaluation.add_argument("--data", required=True, help="dataset root: token shards of the model's kind, grid and vocabulary "
+                                                          "(a causal model), or raw MEG/EEG windows or video clips (a tokenizer)")
     evaluation.add_argument("--split", default="val", help="manifest split")
-    evaluation.add_argument("--num-batches", type=int, default=8, help="batches to evaluate")
+    evaluation.add_argument("--num-batches", type=int, default=8,
+                            help="batches to evaluate: the split's first ones, shards in manifest order (default 8)")
     evaluation.add_argument("--batch-size", type=int, default=8, help="samples per batch (neighbours of one shape)")
     evaluation.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     evaluation.add_argument("--out", help="write the report as JSON here")
     evaluation.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     evaluation.set_defaults(func=cmd_eval)
+
+    forecast = sub.add_parser("forecast", help="forecast held-out MEG/EEG windows or video clips with a forecaster + its tokenizer",
+                              description="Tokenize the context of held-out raw windows, generate the next code steps with a "
+                                          "forecaster trained on token shards (KV cache), decode them with the tokenizer, undo "
+                                          "RevIN and prepare's normalisation, and score the forecast against the true continuation "
+                                          "and naive baselines (persistence, context mean, last period). Writes OUT/forecast.json "
+                                          "and plots (video: a frame strip and forecast.mp4).")
+    forecast.add_argument("forecaster", help="forecaster run dir or checkpoint (a sequence model trained on token shards)")
+    forecast.add_argument("--tokenizer", help="tokenizer run dir or checkpoint (default: the one the forecaster's codes came from)")
+    forecast.add_argument("--data", help="raw dataset root (`tokfleet prepare` output) to take held-out windows from")
+    forecast.add_argument("--recording", help="a MEG/EEG recording file instead, preprocessed as --data (or the tokenizer's dataset)")
+    forecast.add_argument("--split", default="val", help="manifest split of --data")
+    forecast.add_argument("--num-windows", type=int, default=4, help="windows (clips) to forecast")
+    forecast.add_argument("--context", type=int, help="context length in samples (frames); default: the window minus the horizon")
+    forecast.add_argument("--horizon", type=int, help="samples (frames) to forecast; default: a quarter of the window")
+    forecast.add_argument("--num-samples", type=int, default=1, help="forecasts per window (sampled; with --temperature > 0)")
+    forecast.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    forecast.add_argument("--top-k", type=int, help="sample among the k most likely codes")
+    forecast.add_argument("--seed", type=int, default=0, help="sampling seed")
+    forecast.add_argument("--out", default="forecast", help="output folder for forecast.json and the plots")
+    forecast.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    forecast.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    forecast.set_defaults(func=cmd_forecast)
 
     models = sub.add_parser("models", help="list registered models and flavors with parameter counts",
                             description="Every registered model_name and flavor, built on the meta device to count parameters.")

@@ -36,6 +36,8 @@ class ModelConfig:
     name: str = option("gpt", "registered model name (see `tokfleet models`)")
     flavor: str = option("debug", "named size of the model: debug, small or full")
     args: dict[str, Any] = option(help="overrides of the flavor's fields, e.g. {n_layer: 4}", factory=dict)
+    init_from: str | None = option(None, "start from the weights of this run dir or checkpoint (fine-tuning): every tensor "
+                                         "must fit; optimizer, schedule and data position start fresh")
 
 
 @dataclass
@@ -214,7 +216,8 @@ class TrainConfig:
 
 @dataclass
 class SourceConfig:
-    kind: Literal["text", "meg", "video"] = option("text", "corpus kind: text/code files, MEG/EEG recordings (mne) or videos (PyAV)")
+    kind: Literal["text", "meg", "video", "tokens"] = option(
+        "text", "corpus kind: text/code files, MEG/EEG recordings (mne), videos (PyAV) or integer token ids (.txt, .npy)")
     paths: list[str] = option(help="glob patterns of input files (any fsspec URL); '{stdlib}' is this Python's standard library", factory=list)
     exclude: list[str] = option(help="glob patterns (fnmatch on the full path) of files to leave out", factory=list)
     hf_dataset: str | None = option(None, "a `datasets` dataset: local path or hub id (instead of paths)")
@@ -303,6 +306,20 @@ class VideoConfig:
 
 
 @dataclass
+class TokenIdsConfig:
+    vocab_size: int = option(0, "vocabulary size: every id must be below it; 0: the largest id in the inputs (or separator_id) + 1")
+    separator_id: int | None = option(
+        None, "id appended after every document (a .txt or 1-D .npy file, a row of a 2-D .npy), e.g. an end-of-document id; empty: none")
+
+    def __post_init__(self):
+        if not 0 <= self.vocab_size <= 2**31:  # ids beyond 2**16 are stored as int32
+            raise ValueError(f"token_ids.vocab_size must be in [0, 2**31], got {self.vocab_size}")
+        if self.separator_id is not None and not 0 <= self.separator_id < (self.vocab_size or 2**31):
+            raise ValueError(f"token_ids.separator_id must be >= 0 and below token_ids.vocab_size ({self.vocab_size or 2**31}), "
+                             f"got {self.separator_id}")
+
+
+@dataclass
 class RayConfig:
     address: str | None = option(None, "Ray cluster address; empty starts a local instance")
     num_cpus: int = option(0, "CPUs of the local instance (0: all)")
@@ -321,6 +338,7 @@ class PrepareConfig:
     tokenizer: TokenizerConfig = option(help="text tokenizer", factory=TokenizerConfig)
     meg: MegConfig = option(help="MEG/EEG preprocessing (source.kind meg)", factory=MegConfig)
     video: VideoConfig = option(help="video decoding and clipping (source.kind video)", factory=VideoConfig)
+    token_ids: TokenIdsConfig = option(help="integer token data (source.kind tokens)", factory=TokenIdsConfig)
     ray: RayConfig = option(help="Ray runtime", factory=RayConfig)
     launch: LaunchConfig = option(help="cluster jobs: tokfleet submit slurm|ray|local", factory=LaunchConfig)
 

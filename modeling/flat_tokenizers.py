@@ -281,7 +281,8 @@ def build_flat_tokenizer(tok_class: str | None, tok_args: dict, vocab_size: int,
 
     num_bins defaults to what the model's vocabulary leaves for amplitude bins.
     """
-    if tok_class is None and tokenizer_path is not None:
+    if tok_class is None and tokenizer_path is not None and (Path(tokenizer_path) / BPETokenizer.CONFIG_FILE).is_file():
+        # (any other tokenizer_path is a learned tokenizer's run: it tokenizes outside the model, trainer/token_tasks.py)
         tok_class = json.loads((Path(tokenizer_path) / BPETokenizer.CONFIG_FILE).read_text()).get("class")
     if tok_class is None:
         return None

@@ -74,8 +74,9 @@ class FlatGPTConfig(MoEFields):
     tok_class: str | None = field(default=None, metadata={"help": "flat tokenizer for raw signals: AmplitudeTokenizer, "
                                                                   "DelimitedTokenizer, BPETokenizer; empty: codes arrive tokenized"})
     tok_args: dict = field(default_factory=dict, metadata={"help": "arguments of tok_class (num_bins defaults to what vocab_size allows)"})
-    tokenizer_path: str | None = field(default=None, metadata={"help": "folder of a saved flat tokenizer (BPETokenizer.save); "
-                                                                       "learned tokenizers run in `tokfleet pretokenize`"})
+    tokenizer_path: str | None = field(default=None, metadata={"help": "folder of a saved flat tokenizer (BPETokenizer.save), or "
+                                                                       "a learned tokenizer's run dir / checkpoint (BrainOmni, "
+                                                                       "TOTEM, Vidtok): frozen, it tokenizes raw windows on the fly"})
     token_corruption_cfg: dict = field(default_factory=dict, metadata={
         "help": "train-time input corruption: p_start, p_end (per-timestep probability, log-interpolated over the "
                 "sequence), block_len_steps (default 8), tokens_per_step (default H'W'), enabled"})

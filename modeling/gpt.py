@@ -39,10 +39,17 @@ class GPTConfig(MoEFields):
     use_gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute each block in the backward pass to save activation memory"}
     )
+    dropout: float = field(
+        default=0.0, metadata={"help": "training-time dropout on the embeddings, attention weights and each block's "
+                                       "residual branches (the seed's NanoGPT, TOTEM stage 2: 0.1); 0: none"}
+    )
+
     def __post_init__(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head != 0:
@@ -113,6 +120,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.q_norm = RMSNorm()
         self.k_norm = RMSNorm()
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
@@ -136,7 +145,8 @@ class CausalSelfAttention(nn.Module):
         use_gqa = self.num_kv_heads != self.num_heads
         if num_cached == 0:
             # Training, or a prefill into an empty cache: plain causal attention.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=use_gqa)
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=use_gqa)
         elif T == 1:
             # One new token: it may see every cached position, so no mask.
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=use_gqa)
@@ -148,7 +158,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask = key_pos[None, :] <= query_pos[:, None]  # (T, S), True = attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=use_gqa)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, H * Dh)
-        return self.c_proj(y)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -164,6 +174,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
+        self.mlp_dropout = nn.Dropout(config.dropout)
         self.attn_norm = RMSNorm()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp_norm = RMSNorm()
@@ -176,7 +187,7 @@ class Block(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp_dropout(self.mlp(self.mlp_norm(x)))
 
 
 class GPT(nn.Module):
@@ -187,6 +198,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.embedding_norm = RMSNorm()
+        self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer_idx) for layer_idx in range(config.n_layer))
         self.final_norm = RMSNorm()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -269,7 +281,7 @@ class GPT(nn.Module):
                 raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start_pos} + {T} do not fit")
         cos, sin = self.rotary(start_pos, T)  # (T, Dh / 2) each; raises past sequence_len
 
-        x = self.embedding_norm(self.wte(idx))  # (B, T, D)
+        x = self.embedding_dropout(self.embedding_norm(self.wte(idx)))  # (B, T, D)
         is_checkpointing = self.use_gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if is_checkpointing and kv_cache is None:
@@ -297,37 +309,49 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        shift_fraction: float = 0.5,
     ) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).
 
-        The prompt is run once to fill a KV cache, then one token per step. temperature 0 picks the
-        argmax; top_k keeps only the k most likely tokens before sampling.
+        The prompt is run once to fill a KV cache, then one token per step (use_cache False runs the
+        whole window again at every step: the reference the cache is measured against). Past
+        sequence_len the window slides: it drops its oldest shift_fraction of positions and is
+        prefilled again, so the rotary positions of what it keeps restart at 0 (as in training,
+        where every sample starts at position 0). temperature 0 picks the argmax; top_k keeps only
+        the k most likely tokens before sampling.
         """
         B, T = idx.shape
-        num_total = T + max_new_tokens
+        window = self.config.sequence_len
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if num_total > self.config.sequence_len:
-            raise ValueError(
-                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {num_total} exceeds "
-                f"sequence_len ({self.config.sequence_len}); rotary tables end there"
-            )
+        if not 1 <= T <= window:
+            raise ValueError(f"prompt of {T} tokens: need 1 to sequence_len ({window}) tokens; rotary tables end there")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if max_new_tokens == 0:
-            return idx
-
-        kv_cache = self.make_kv_cache(B, max_len=num_total)
-        logits = self(idx, kv_cache=kv_cache)[:, -1, :]  # (B, V)
-        new_tokens = []
+        if not 0.0 < shift_fraction <= 1.0:
+            raise ValueError(f"shift_fraction must be in (0, 1], got {shift_fraction}")
+        shift = max(1, round(shift_fraction * window))
+        sequence, start, kv_cache, logits = idx, 0, None, None
         for step in range(max_new_tokens):
+            if logits is None:  # (re)fill the window
+                while sequence.size(1) - start > window:
+                    start += shift
+                kv_cache = self.make_kv_cache(B, max_len=window) if use_cache else None
+                logits = self(sequence[:, start:], kv_cache=kv_cache)[:, -1, :]  # (B, V)
             next_token = sample_tokens(logits, temperature, top_k, generator)  # (B, 1)
-            new_tokens.append(next_token)
-            if step < max_new_tokens - 1:
+            sequence = torch.cat([sequence, next_token], dim=1)
+            if step == max_new_tokens - 1:
+                break
+            if sequence.size(1) - start > window:
+                logits = None  # the window is full: slide it
+            elif use_cache:
                 logits = self(next_token, kv_cache=kv_cache)[:, -1, :]
-        return torch.cat([idx, *new_tokens], dim=1)
+            else:
+                logits = self(sequence[:, start:])[:, -1, :]
+        return sequence
 
 
 GPT_FLAVORS = {

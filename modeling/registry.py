@@ -35,6 +35,7 @@ _MODEL_MODULES = {
     "totem": "modeling.totem",
     "BrainOmniCausalTokenizer": "modeling.brainomni",
     "BrainOmniCausalTokenizerSEANetChannelMix": "modeling.brainomni",
+    "BrainOmniCausalForecast": "modeling.brainomni_forecast",
     "Vidtok": "modeling.vidtok",
     "VidtokRVQ": "modeling.vidtok",
 }

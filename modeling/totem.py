@@ -258,6 +258,15 @@ class TotemVQVAE(TokenizerModel):
         codes = torch.cat([self.quantizer.encode(self._latents(chunk)) for chunk in chunks])  # (B C, T')
         return codes.view(signal.shape[0], signal.shape[1], -1)
 
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """Trailing tokens of a series whose codes depend on samples after its end (the encoder is not
+        causal): token j reaches 1 + num_residual_layers tokens ahead (the 3-tap convs on the token
+        grid) plus 2 (compression_factor - 1) samples (the stride-2 4-tap convs). A forecaster
+        re-generates these tokens of a context instead of trusting codes computed from zero padding."""
+        reach = self.config.compression_factor * (1 + self.config.num_residual_layers) + 2 * (self.config.compression_factor - 1)
+        return math.ceil((reach - (self.config.compression_factor - 1)) / self.config.compression_factor)
+
     def series_per_chunk_for_cache(self, length: int, cache_bytes: int) -> int:
         """Series of `length` samples per `tokenize` chunk whose widest activation (block_hidden_size
         fp32 channels at half the length) takes about `cache_bytes`."""

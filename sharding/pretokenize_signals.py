@@ -256,6 +256,7 @@ def _assemble_manifest(cfg: PretokenizeConfig, raw: Manifest, info: Any, specs: 
     if "tokens.npy" in fields:
         fields["tokens.npy"]["values"] = f"codes in [0, {info.codebook_size})" + (
             f", last axis: {info.num_levels} RVQ levels" if info.num_levels > 1 else "")
+        fields["tokens.npy"]["axes"] = list(info.token_axes)  # sharding.token_grid reads the grid through them
     num_samples = {split: sum(s.num_samples for s in shards if s.split == split) for split in ("train", "val")}
     num_tokens = sum(sidecar["num_tokens"] for sidecar in sidecars.values())
     token_shape = fields.get("tokens.npy", {}).get("shape", [])

@@ -172,7 +172,7 @@ def _build_from_fields(fields: dict[str, Any], *, tokenizer_json: str, storage_o
 # ------------------------------------------------------------------- driver
 
 
-def _unigram_entropy(sidecars: list[dict[str, Any]], vocab_size: int) -> float:
+def unigram_entropy(sidecars: list[dict[str, Any]], vocab_size: int) -> float:
     counts = np.zeros(vocab_size, dtype=np.int64)
     for sidecar in sidecars:
         np.add.at(counts, np.asarray(sidecar["token_counts"]["ids"], dtype=np.int64), sidecar["token_counts"]["counts"])
@@ -277,7 +277,7 @@ def _assemble_manifest(
         "num_samples": num_samples,
         "num_tokens": {split: count * seq_len for split, count in num_samples.items()},
         "num_stream_tokens": sum(sidecar["num_stream_tokens"] for sidecar in sidecars.values()),
-        "unigram_entropy_nats": round(_unigram_entropy(train_sidecars, vocab_size), 6),
+        "unigram_entropy_nats": round(unigram_entropy(train_sidecars, vocab_size), 6),
     }
     return Manifest(
         format_version=FORMAT_VERSION,

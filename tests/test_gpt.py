@@ -91,10 +91,33 @@ def test_sampling_top1_is_greedy_and_seeded_sampling_reproduces():
     assert any(not torch.equal(first, other) for other in other_seeds), "sampling ignores the generator"
 
 
-def test_generate_rejects_running_past_sequence_len():
+def test_generate_slides_its_window_past_sequence_len():
+    """Past sequence_len (64) the window drops its oldest half and is prefilled again: the cached
+    generation equals the uncached one that recomputes the window at every step."""
     model = make_model()
-    with pytest.raises(ValueError, match="exceeds sequence_len"):
-        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)
+    with pytest.raises(ValueError, match="sequence_len"):
+        model.generate(torch.zeros(1, 65, dtype=torch.long), max_new_tokens=1)
+    prompt = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(0))
+    cached = model.generate(prompt, max_new_tokens=50, temperature=0.0)
+    recomputed = model.generate(prompt, max_new_tokens=50, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, 110)
+    torch.testing.assert_close(cached, recomputed, rtol=0, atol=0)
+    # the first tokens, before the window fills, are those of a plain argmax loop over the full prefix
+    expected = prompt
+    for _ in range(4):
+        expected = torch.cat([expected, model(expected)[:, -1:].argmax(dim=-1)], dim=1)
+    torch.testing.assert_close(cached[:, :64], expected, rtol=0, atol=0)
+
+
+def test_dropout_only_in_training():
+    model = make_model({"dropout": 0.5})
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    torch.testing.assert_close(model(idx), model(idx))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    with pytest.raises(ValueError, match="dropout"):
+        build_model("gpt", "debug", {"dropout": 1.0}, device="meta")
 
 
 def test_gqa_shapes():

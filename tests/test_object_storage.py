@@ -211,7 +211,8 @@ def test_meg_pipeline_on_s3(s3_server, ray_session, meg_corpus, tmp_path, capsys
 
     from sharding.manifest import Manifest
     from sharding.shards import source_sample_key
-    from test_prepare_signals import MEG_OPTIONS, expected_windows
+    from conftest import MEG_OPTIONS
+    from test_prepare_signals import expected_windows
 
     from conftest import GOOD_FIF
 

