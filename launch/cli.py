@@ -122,7 +122,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from launch.demo import run
+    if args.which == "meg":
+        from launch.demo_meg import run
+    else:
+        from launch.demo import run
 
     run(args)
 
@@ -459,9 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
                                description="The config reference as Markdown tables.")
     reference.set_defaults(func=cmd_config_reference)
 
-    demo = sub.add_parser("demo", help="the end-to-end demo: stdlib corpus -> BPE -> Ray shards -> GPT -> resume -> sample",
-                          description="Runs the main job end to end on this machine (local shards, local Ray, CPU).")
-    demo.add_argument("--workdir", default="demo", help="folder for the dataset and the run")
+    demo = sub.add_parser("demo", help="the end-to-end demos: text (stdlib -> BPE -> Ray shards -> GPT -> resume -> sample) "
+                                       "or meg (synthetic MEG -> TOTEM -> tokens -> GPT forecaster -> forecast)",
+                          description="Runs a job end to end on this machine (local shards, local Ray, CPU). text (default, "
+                                      "`make demo`): the main job, ~8 min; meg: the forecasting chain on synthetic MEG, ~10 min.")
+    demo.add_argument("which", nargs="?", choices=("text", "meg"), default="text", help="which demo (default: text)")
+    demo.add_argument("--workdir", default="demo", help="folder for the datasets and the runs")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a train config value (repeatable)")
     demo.add_argument("--debug", action="store_true", help="show tracebacks for input errors")

@@ -35,16 +35,13 @@ from sharding.shard_build import (
     BuildReport,
     SkipInput,
     build_id,
-    build_on_ray,
+    build_missing_shards,
     check_shard_name,
-    complete_sidecars,
-
-    shard_sidecar,
     created_by,
     finish_manifest,
     group_documents,
+    shard_sidecar,
     sidecar_name,
-    tidy_output,
     val_group_indexes,
 )
 from sharding.shards import shard_name, write_shard
@@ -227,23 +224,9 @@ def prepare_signals(cfg: PrepareConfig, progress: bool = True, strict: bool = Fa
     log.info("%d %s files, %.1f MB, in %d groups", len(files), kind, sum(f.num_bytes for f in files) / 1e6, len(groups))
 
     specs = _shard_specs(cfg, groups)
-    tidy_output(output, shards_cfg.name, len(specs), storage_options)
-    sidecars = complete_sidecars(specs, storage_options)
-    to_build = [spec for spec in specs if spec.index not in sidecars]
-    log.info("%d of %d shards complete, building %d", len(sidecars), len(specs), len(to_build))
-    built = []
-    start = time.perf_counter()
-    if to_build:
-        from sharding.ray_runtime import init_ray
-
-        init_ray(cfg.ray)  # before the clock starts: throughput counts building, not Ray's start
-        start = time.perf_counter()
-        build = functools.partial(build_signal_shard, storage_options=storage_options, source_options=cfg.source.storage_options)
-        by_shard = {spec.shard: spec.index for spec in to_build}
-        for sidecar in build_on_ray([asdict(spec) for spec in to_build], build, cfg.ray, progress=progress, desc=f"prepare {kind}"):
-            sidecars[by_shard[sidecar["shard"]]] = sidecar
-            built.append(sidecar)
-    build_seconds = time.perf_counter() - start
+    build = functools.partial(build_signal_shard, storage_options=storage_options, source_options=cfg.source.storage_options)
+    sidecars, built, build_seconds = build_missing_shards(specs, lambda _: build, cfg.ray, output=output, name=shards_cfg.name,
+                                                          storage_options=storage_options, progress=progress, desc=f"prepare {kind}")
 
     manifest = _assemble_manifest(cfg, reader, files, specs, sidecars, val_groups)
     if manifest.num_samples("train") == 0 and not (strict and manifest.skipped):

@@ -38,14 +38,12 @@ from sharding.shard_build import (
     ActorPool,
     BuildReport,
     build_id,
-    build_on_ray,
+    build_missing_shards,
     check_shard_name,
-    complete_sidecars,
     created_by,
     shard_sidecar,
     finish_manifest,
     sidecar_name,
-    tidy_output,
 )
 from sharding.shards import decode_sample, shard_name, split_samples, write_shard
 
@@ -209,26 +207,13 @@ def pretokenize_signals(cfg: PretokenizeConfig, progress: bool = True, strict: b
 
     output, output_options = cfg.shards.output, cfg.shards.storage_options
     info, raw, specs = plan_pretokenize(cfg)
-    tidy_output(output, cfg.shards.name, len(specs), output_options)
-    sidecars = complete_sidecars(specs, output_options)
-    to_build = [spec for spec in specs if spec.index not in sidecars]
-    log.info("%d of %d token shards complete, building %d", len(sidecars), len(specs), len(to_build))
-    built = []
-    start = time.perf_counter()
-    if to_build:
-        from sharding.ray_runtime import init_ray
-
-        init_ray(cfg.ray)  # before the clock starts: throughput counts tokenizing, not Ray's start
-        start = time.perf_counter()
-        actors = cfg.actors
-        pool = ActorPool(ShardTokenizer, shard_tokenizer_kwargs(cfg, info), num_actors=min(actors.num_actors, len(to_build)),
-                         num_cpus=actors.num_cpus, num_gpus=actors.num_gpus)
-        by_shard = {spec.shard: spec.index for spec in to_build}
-        for sidecar in build_on_ray([asdict(spec) for spec in to_build], pool, cfg.ray, progress=progress,
-                                    desc=f"pretokenize {info.name}"):
-            sidecars[by_shard[sidecar["shard"]]] = sidecar
-            built.append(sidecar)
-    build_seconds = time.perf_counter() - start
+    actors = cfg.actors
+    sidecars, built, build_seconds = build_missing_shards(
+        specs,
+        lambda num_to_build: ActorPool(ShardTokenizer, shard_tokenizer_kwargs(cfg, info), num_actors=min(actors.num_actors, num_to_build),
+                                       num_cpus=actors.num_cpus, num_gpus=actors.num_gpus),
+        cfg.ray, output=output, name=cfg.shards.name, storage_options=output_options, progress=progress,
+        desc=f"pretokenize {info.name}")
 
     manifest = _assemble_manifest(cfg, raw, info, specs, sidecars, TOKEN_KINDS[raw.kind])
     finish_manifest(manifest, output, output_options, strict=strict)

@@ -33,16 +33,13 @@ from sharding import storage
 from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord, SkippedInput
 from sharding.shard_build import (  # verify_dataset: re-exported, callers import it from here too
     build_id,
-    build_on_ray,
+    build_missing_shards,
     check_shard_name,
-    complete_sidecars,
-
-    shard_sidecar,
     created_by,
     finish_manifest,
     group_documents,
+    shard_sidecar,
     sidecar_name,
-    tidy_output,
     val_group_indexes,
     verify_dataset,  # noqa: F401
 )
@@ -232,19 +229,12 @@ def prepare_text(cfg: PrepareConfig, progress: bool = True, strict: bool = False
     dtype = token_dtype(vocab_size).name
 
     specs = _shard_specs(cfg, groups, provenance, vocab_size, dtype)
-    tidy_output(output, shards_cfg.name, len(specs), storage_options)
-    sidecars = complete_sidecars(specs, storage_options)
-    to_build = [spec for spec in specs if spec.index not in sidecars]
-    log.info("%d of %d shards complete, building %d", len(sidecars), len(specs), len(to_build))
-    if to_build:
-        start = time.perf_counter()
-        tokenizer_json = tokenizer.backend_tokenizer.to_str()
-        by_shard = {spec.shard: spec.index for spec in to_build}
-        build = functools.partial(_build_from_fields, tokenizer_json=tokenizer_json, storage_options=storage_options,
-                                  source_options=cfg.source.storage_options)
-        for sidecar in build_on_ray([asdict(spec) for spec in to_build], build, cfg.ray, progress=progress, desc="pretokenize"):
-            sidecars[by_shard[sidecar["shard"]]] = sidecar
-        log.info("pretokenized %d shards in %.1f s", len(to_build), time.perf_counter() - start)
+    build = functools.partial(_build_from_fields, tokenizer_json=tokenizer.backend_tokenizer.to_str(), storage_options=storage_options,
+                              source_options=cfg.source.storage_options)
+    sidecars, built, seconds = build_missing_shards(specs, lambda _: build, cfg.ray, output=output, name=shards_cfg.name,
+                                                    storage_options=storage_options, progress=progress, desc="pretokenize")
+    if built:
+        log.info("pretokenized %d shards in %.1f s", len(built), seconds)
 
     manifest = _assemble_manifest(cfg, documents, specs, sidecars, val_groups, provenance, vocab_size, dtype)
     if manifest.num_samples("train") == 0:

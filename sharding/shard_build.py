@@ -210,6 +210,43 @@ def build_on_ray(
     return sidecars
 
 
+def build_missing_shards(
+    specs: list[Any],
+    make_build: Callable[[int], Callable[[dict[str, Any]], dict[str, Any]] | ActorPool],
+    ray_cfg: RayConfig,
+    *,
+    output: str,
+    name: str,
+    storage_options: dict[str, Any] | None,
+    progress: bool,
+    desc: str,
+) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]], float]:
+    """What every pipeline does with its shard specs: tidy the output, keep the shards whose sidecars
+    say they are complete and current, and build the others on Ray, `make_build(num_to_build)` giving
+    the task function or ActorPool. Returns every spec's sidecar by index, the sidecars built now, and
+    the seconds spent building (Ray's start excluded)."""
+    import time
+
+    tidy_output(output, name, len(specs), storage_options)
+    sidecars = complete_sidecars(specs, storage_options)
+    to_build = [spec for spec in specs if spec.index not in sidecars]
+    log.info("%d of %d shards complete, building %d", len(sidecars), len(specs), len(to_build))
+    built: list[dict[str, Any]] = []
+    seconds = 0.0
+    if to_build:
+        from sharding.ray_runtime import init_ray
+
+        init_ray(ray_cfg)  # before the clock starts: throughput counts building, not Ray's start
+        start = time.perf_counter()
+        by_shard = {spec.shard: spec.index for spec in to_build}
+        for sidecar in build_on_ray([asdict(spec) for spec in to_build], make_build(len(to_build)), ray_cfg,
+                                    progress=progress, desc=desc):
+            sidecars[by_shard[sidecar["shard"]]] = sidecar
+            built.append(sidecar)
+        seconds = time.perf_counter() - start
+    return sidecars, built, seconds
+
+
 # ------------------------------------------------------------------ finishing
 
 

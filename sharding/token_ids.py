@@ -37,8 +37,7 @@ import io
 import json
 import logging
 import re
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,16 +50,14 @@ from sharding.pretokenize_text import TOKENS_FIELD, unigram_entropy, pack_tokens
 from sharding.shard_build import (
     BuildReport,
     build_id,
-    build_on_ray,
+    build_missing_shards,
     check_shard_name,
-    complete_sidecars,
     created_by,
     finish_manifest,
     first_line,
     group_documents,
     shard_sidecar,
     sidecar_name,
-    tidy_output,
     val_group_indexes,
 )
 from sharding.shards import shard_name, source_sample_key, token_dtype, write_shard
@@ -341,23 +338,9 @@ def prepare_token_ids(cfg: PrepareConfig, progress: bool = True, strict: bool = 
              "given" if options.vocab_size else "largest id + 1")
 
     specs = _shard_specs(cfg, usable, dtype)
-    tidy_output(output, shards_cfg.name, len(specs), storage_options)
-    sidecars = complete_sidecars(specs, storage_options)
-    to_build = [spec for spec in specs if spec.index not in sidecars]
-    log.info("%d of %d shards complete, building %d", len(sidecars), len(specs), len(to_build))
-    built = []
-    start = time.perf_counter()
-    if to_build:
-        from sharding.ray_runtime import init_ray
-
-        init_ray(cfg.ray)  # before the clock starts: throughput counts building, not Ray's start
-        start = time.perf_counter()
-        build = functools.partial(build_token_shard, storage_options=storage_options, source_options=cfg.source.storage_options)
-        by_shard = {spec.shard: spec.index for spec in to_build}
-        for sidecar in build_on_ray([asdict(spec) for spec in to_build], build, cfg.ray, progress=progress, desc="pack token ids"):
-            sidecars[by_shard[sidecar["shard"]]] = sidecar
-            built.append(sidecar)
-    build_seconds = time.perf_counter() - start
+    build = functools.partial(build_token_shard, storage_options=storage_options, source_options=cfg.source.storage_options)
+    sidecars, built, build_seconds = build_missing_shards(specs, lambda _: build, cfg.ray, output=output, name=shards_cfg.name,
+                                                          storage_options=storage_options, progress=progress, desc="pack token ids")
 
     manifest = _assemble_manifest(cfg, files, usable, skipped, specs, sidecars, vocab_size, dtype)
     if manifest.num_samples("train") == 0 and not (strict and manifest.skipped):

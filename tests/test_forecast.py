@@ -13,11 +13,9 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from conftest import BRAINTOKMIX, MEG_OPTIONS
+from conftest import BRAINTOKMIX
 from launch.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

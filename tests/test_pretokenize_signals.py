@@ -26,11 +26,9 @@ import torch
 import yaml
 
 from launch.config import (  # noqa: E402
-    ActorPoolConfig, MegConfig, PrepareConfig, PretokenizeConfig, PretokenizeInputConfig, PretokenizeModelConfig,
-    ShardsConfig, SourceConfig, TokenShardsConfig,
+    ActorPoolConfig, PretokenizeConfig, PretokenizeInputConfig, PretokenizeModelConfig, TokenShardsConfig,
 )
 from sharding.manifest import Manifest  # noqa: E402
-from sharding.prepare_signals import prepare_signals  # noqa: E402
 from sharding.pretokenize_signals import pretokenize_signals  # noqa: E402
 from sharding.shard_build import sidecar_name, verify_dataset  # noqa: E402
 from sharding.shards import read_shard  # noqa: E402

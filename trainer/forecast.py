@@ -351,7 +351,6 @@ def _physical(windows: Windows, fields: dict[str, torch.Tensor], is_meg: bool):
 def _report(forecasts: np.ndarray, truth: np.ndarray, naive: dict[str, np.ndarray], to_physical: Any,
             windows: Windows, fields: dict[str, torch.Tensor], is_meg: bool) -> dict[str, Any]:
     """Metrics of the model (mean over its samples; and of their mean when there are several) and the baselines."""
-    B = truth.shape[0]
     methods = {f"sample_{i}": f for i, f in enumerate(forecasts)}
     if len(forecasts) > 1:
         methods["mean_of_samples"] = forecasts.mean(axis=0)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from launch.errors import UserError
-from modeling.registry import build_model, get_model_spec, model_config
+from modeling.registry import get_model_spec, model_config
 from sharding.manifest import Manifest
 from sharding.token_grid import TokenGrid
 
