@@ -218,10 +218,10 @@ def test_vidtok_flatgpt_forecast_writes_an_mp4_and_a_frame_strip(video_built, ch
 # ------------------------------------------------------------------ distributed: ZeRO-2 on BrainTokMix tokens
 
 
-def test_flatgpt_on_braintokmix_tokens_zero2_resumes_exactly_and_elastically(braintokmix_tokens, tmp_path):
+def test_flatgpt_on_braintokmix_tokens_zero2_resumes_exactly_and_elastically(meg_mag, braintokmix_tokens, tmp_path):
     """2 ranks under the deepspeed launcher (ZeRO-2): stop at step 4 and resume gives the uninterrupted
     run's losses bit for bit; the step-4 checkpoint resumed on 1 rank reads every train sample of the
-    epoch exactly once (the 13 windows of 2 recordings: 8 on 2 ranks, the other 5 on 1)."""
+    epoch exactly once (the 13 windows of 2 recordings: 8 on 2 ranks, the other 5 on 1); its export forecasts."""
     import shutil
     from collections import Counter
 
@@ -260,3 +260,10 @@ def test_flatgpt_on_braintokmix_tokens_zero2_resumes_exactly_and_elastically(bra
     assert epoch_keys(tmp_path / "elastic", 0) == train_keys  # every sample of the epoch once, across 2 then 1 rank
     state = json.loads((tmp_path / "elastic" / "checkpoints" / "step-00000012" / "trainer_state.json").read_text())
     assert state["world_size"] == 1 and state["engine"] == "deepspeed" and state["token_grid"]["shape"] == [2, 125, 2]
+    # the ZeRO checkpoint exported to one safetensors model forecasts like any single-device run
+    main(["export", str(tmp_path / "elastic"), "--out", str(tmp_path / "exported")])
+    from trainer.forecast import ForecastRequest, forecast
+
+    report = forecast(ForecastRequest(forecaster=str(tmp_path / "exported"), data=meg_mag, context=400, horizon=100,
+                                      num_windows=1, out=str(tmp_path / "forecast")))
+    assert report["finite"] and report["horizon"] == {"samples": 100, "code_steps": 25}

@@ -75,7 +75,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     tokenizer = tokenizer_folder(directory, state)
     if tokenizer is not None:
         shutil.copytree(tokenizer, tmp / "tokenizer")
-    exported = {key: state.get(key) for key in ("step", "tokens", "samples", "model", "config")}
+    exported = {key: state.get(key) for key in ("step", "tokens", "samples", "model", "config", "token_grid")}
     exported.update({
         "format": "torch", "engine": "single", "world_size": 1,
         "tokenizer": "tokenizer" if tokenizer is not None else None,
