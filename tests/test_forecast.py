@@ -189,6 +189,26 @@ def test_flatgpt_tokenizes_raw_windows_on_the_fly_as_pretokenize_does(meg_mag, b
     assert state["model"]["args"]["tokenizer_path"] == checkpoints[BRAINTOKMIX]
 
 
+def test_train_refuses_what_the_grid_does_not_fit_in_one_line(meg_mag, braintokmix_tokens, checkpoints, tmp_path, capsys):
+    """Through `tokfleet train`: exit 2 and one line for a vocabulary or grid the model cannot hold, a
+    tokenizer run of another kind, and a token dataset without a val split."""
+    from conftest import write_grid_dataset
+
+    config = forecaster_config(tmp_path, "FlatGPTEmbedsRVQ", braintokmix_tokens)
+    assert "model.args.vocab_size=16 cannot hold the dataset's vocabulary of 32 (codes (channel 2, time 125, level 2))" in cli_error(
+        capsys, ["train", config, "--set", "model.args.vocab_size=16"])
+    assert ("model.args.input_shape [100, 2, 2] with temporal_reduction 1 and spatial_reduction [1, 1] gives a code grid "
+            "(100, 2, 2) that cannot hold the dataset's grid (125, 2, 2)") in cli_error(
+        capsys, ["train", config, "--set", "model.args.input_shape=[100, 2, 2]"])
+    assert "a 'meg_windows' dataset; tokenizer Vidtok" in cli_error(
+        capsys, ["train", config, "--set", f"data.dataset={meg_mag}", "--set", f"model.args.tokenizer_path={checkpoints['Vidtok']}"])
+    no_val = write_grid_dataset(tmp_path / "no-val", axes=("channel", "time", "level"), shape=(2, 125, 2), vocab_size=32,
+                                tokenizer={"model": BRAINTOKMIX, "flavor": "debug", "args": {}, "checkpoint": "", "sha256": ""},
+                                num_val=0)
+    assert "data.val_split 'val'" in cli_error(capsys, ["train", config, "--set", f"data.dataset={no_val}"])
+    assert not list((tmp_path / "FlatGPTEmbedsRVQ").glob("checkpoints/step-*"))
+
+
 # ------------------------------------------------------------------ video: Vidtok -> FlatGPT (Qwen2.5-Video positions)
 
 

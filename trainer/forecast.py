@@ -171,9 +171,9 @@ def _recording_windows(request: ForecastRequest, info: Any) -> Windows:
     dataset = request.data or _tokenizer_dataset(info)
     manifest = Manifest.read(dataset)
     options = from_dict(MegConfig, manifest.created_by.get("config", {}).get("meg", {}))
-    length = (request.context or 0) + (request.horizon or 0)
-    if length <= 0:
-        raise UserError("--recording needs --context and --horizon (samples)")
+    if not request.context or not request.horizon:
+        raise UserError("--recording needs --context and --horizon (samples): the recording is cut into windows of their sum")
+    length = request.context + request.horizon
     options = MegConfig(**{**options.__dict__, "window_s": length / options.sfreq, "overlap_s": 0.0})
     if not Path(request.recording).is_file():
         raise UserError(f"--recording: not found: {request.recording}")
