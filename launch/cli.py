@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import logging
@@ -10,14 +11,61 @@ import re
 import sys
 from pathlib import Path
 
-from launch.errors import UserError, exit_on_user_error
+from launch.errors import UserError, exit_on_user_error, stop_at_once
+from launch.schema import bound_text, within
 
 DESCRIPTION = """tokfleet: train token-based generative models (text, MEG/EEG, video) from one
 config per stage, on one device or a cluster. Stages: prepare (corpus -> shards) -> train ->
 generate. Every command takes --help; bad input exits with code 2 and one line saying why."""
 
 
+# ------------------------------------------------------------------ arguments
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse whose errors read like every other input error: one line, exit code 2 (not usage + error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"tokfleet: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number_argument(kind: type, bound: str):
+    """An argparse type: a `kind` number within `bound` (as launch.schema.within reads it)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not within(value, bound):
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} {bound_text(bound)}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number_argument(int, ">= 1")  # counts and lengths
+non_negative_int = _number_argument(int, ">= 0")  # seeds
+non_negative_float = _number_argument(float, ">= 0")  # temperatures
+
+
 # ------------------------------------------------------------------ prepare
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(output: str, debug: bool):
+    """Ctrl-C in prepare / pretokenize: one line and the process ends at once (exit 130). Its Ray work ends
+    with it: a local instance dies with its driver, a cluster cancels a dead driver's tasks. Every complete
+    shard stays (each was written whole, then renamed into place); the next run removes temporary files
+    and builds the rest. (With --debug: a KeyboardInterrupt and its traceback.)"""
+    import signal
+
+    line = f"tokfleet: interrupted: the complete shards in {output} are kept; the same command builds the rest"
+    previous = None if debug else signal.signal(signal.SIGINT, lambda signum, frame: stop_at_once(line))
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -32,21 +80,21 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
         if not cfg.ray.address:  # a local Ray stays on loopback on shared machines; a cluster is joined where it is
             ensure_confined()
-        if cfg.source.kind == "tokens":
-            from sharding.token_ids import prepare_token_ids
+        options = dict(progress=not args.quiet, strict=args.strict, overwrite=args.overwrite)  # Ray starts only if a shard is missing
+        with stop_on_interrupt(cfg.shards.output, args.debug):
+            if cfg.source.kind == "tokens":
+                from sharding.token_ids import prepare_token_ids
 
-            report = prepare_token_ids(cfg, progress=not args.quiet, strict=args.strict)  # starts Ray only if a shard is missing
-            print(report.summary())
-            return
-        if cfg.source.kind != "text":
-            from sharding.prepare_signals import prepare_signals
+                print(prepare_token_ids(cfg, **options).summary())
+                return
+            if cfg.source.kind != "text":
+                from sharding.prepare_signals import prepare_signals
 
-            report = prepare_signals(cfg, progress=not args.quiet, strict=args.strict)  # starts Ray only if a shard is missing
-            print(report.summary())
-            return
-        from sharding.pretokenize_text import prepare_text
+                print(prepare_signals(cfg, **options).summary())
+                return
+            from sharding.pretokenize_text import prepare_text
 
-        manifest = prepare_text(cfg, progress=not args.quiet, strict=args.strict)  # starts Ray only if a shard is missing
+            manifest = prepare_text(cfg, **options)
     num_train = sum(s.num_samples for s in manifest.shards if s.split == "train")
     num_val = sum(s.num_samples for s in manifest.shards if s.split == "val")
     print(f"dataset {cfg.shards.output}: {len(manifest.shards)} shards, {num_train} train + {num_val} val "
@@ -70,7 +118,8 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
             ensure_confined()
         from sharding.pretokenize_signals import pretokenize_signals
 
-        report = pretokenize_signals(cfg, progress=not args.quiet, strict=args.strict)  # starts Ray only if a shard is missing
+        with stop_on_interrupt(cfg.shards.output, args.debug):  # Ray starts only if a shard is missing
+            report = pretokenize_signals(cfg, progress=not args.quiet, strict=args.strict, overwrite=args.overwrite)
     print(report.summary())
 
 
@@ -145,8 +194,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     with exit_on_user_error(args.debug):
         if is_ids and args.prompt:
             raise UserError("--prompt (text) and --prompt-tokens (ids) exclude each other: give one")
-        if args.num_samples < 1:
-            raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
         device = pick_device(args.device)
         model, state, tokenizer_dir = load_model(args.checkpoint, device)
         name = state["model"]["name"]
@@ -213,7 +260,11 @@ def _prompt_token_ids(text: str, vocab_size: int) -> list[int]:
 def cmd_inspect(args: argparse.Namespace) -> None:
     with exit_on_user_error(args.debug):
         path = args.path
-        if Path(path).is_dir() and not (Path(path) / "manifest.json").exists() or path.endswith("trainer_state.json"):
+        if path.endswith("trainer_state.json"):  # a checkpoint's state file: that checkpoint
+            path = str(Path(path).parent)
+        if Path(path).is_file():
+            raise UserError(f"{path} is a file: inspect takes a dataset root (holding manifest.json), a checkpoint folder or a run dir")
+        if Path(path).is_dir() and not (Path(path) / "manifest.json").exists():
             _inspect_checkpoint(path)
             return
         from sharding.manifest import Manifest
@@ -243,7 +294,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _inspect_checkpoint(path: str) -> None:
-    from trainer.checkpoint import read_trainer_state
+    from trainer.checkpoint import read_trainer_state, verify_checkpoint
     from trainer.inference import resolve_checkpoint
 
     directory = resolve_checkpoint(path)
@@ -263,6 +314,12 @@ def _inspect_checkpoint(path: str) -> None:
     if "data" in state:
         print(f"  data position: {_data_position(state)}")
     print(f"  size {size / 1e6:.1f} MB in {sum(1 for p in directory.rglob('*') if p.is_file())} files")
+    problems = verify_checkpoint(directory)
+    for problem in problems:
+        print(f"  PROBLEM: {problem}")
+    if problems:
+        sys.exit(1)
+    print("  all files verified (sizes as written, trainer state, safetensors headers)")
 
 
 def _data_position(state: dict) -> str:
@@ -339,13 +396,15 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, kind: str, strict_he
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--strict", action="store_true", help=strict_help)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="build in place of a dataset made there with other settings: it is moved aside to OUTPUT.old-N, not deleted")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from trainer.entry import DESCRIPTION as TRAIN_DESCRIPTION, add_arguments as add_train_arguments
 
-    parser = argparse.ArgumentParser(prog="tokfleet", description=DESCRIPTION)
+    parser = CommandLineParser(prog="tokfleet", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prepare = sub.add_parser("prepare", help="turn a corpus into WebDataset shards + manifest (Ray Data)",
@@ -369,20 +428,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt-tokens", metavar="IDS",
                           help="token ids to continue instead of text, e.g. \"80 81 83\" (runs on token-id data need no tokenizer); "
                                "prints each sample's ids, prompt first, one line per sample")
-    generate.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
-    generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
-    generate.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
-    generate.add_argument("--num-samples", type=int, default=1, help="independent continuations")
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to generate")
+    generate.add_argument("--temperature", type=non_negative_float, default=0.8, help="sampling temperature; 0 is greedy")
+    generate.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
+    generate.add_argument("--num-samples", type=positive_int, default=1, help="independent continuations")
+    generate.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
     generate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     generate.add_argument("--mode", choices=("generate", "reconstruct", "encode"),
                           help="latent models (TokCom): generate from noise, reconstruct --input_text through the VAE, or "
                                "encode it to latents (default: the model's first mode)")
     generate.add_argument("--input_text", "--input-text", help="text to reconstruct or encode")
-    generate.add_argument("--num_chunks", "--num-chunks", type=int,
+    generate.add_argument("--num_chunks", "--num-chunks", type=positive_int,
                           help="latents to generate, or chunks the input text is EOS-padded/truncated to (default: sequence_len / chunk_size)")
-    generate.add_argument("--num_steps", "--num-steps", type=int, default=50, help="Euler denoising steps (--mode generate)")
-    generate.add_argument("--batch_size", "--batch-size", type=int, default=1, help="sequences to generate (--mode generate)")
+    generate.add_argument("--num_steps", "--num-steps", type=positive_int, default=50, help="Euler denoising steps (--mode generate)")
+    generate.add_argument("--batch_size", "--batch-size", type=positive_int, default=1, help="sequences to generate (--mode generate)")
     generate.add_argument("--output_file", "--output-file",
                           help="write the texts (generate, reconstruct) or the latents as a torch .pt tensor (encode)")
     generate.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -423,9 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--data", required=True, help="dataset root: token shards of the model's kind, grid and vocabulary "
                                                           "(a causal model), or raw MEG/EEG windows or video clips (a tokenizer)")
     evaluation.add_argument("--split", default="val", help="manifest split")
-    evaluation.add_argument("--num-batches", type=int, default=8,
+    evaluation.add_argument("--num-batches", type=positive_int, default=8,
                             help="batches to evaluate: the split's first ones, shards in manifest order (default 8)")
-    evaluation.add_argument("--batch-size", type=int, default=8, help="samples per batch (neighbours of one shape)")
+    evaluation.add_argument("--batch-size", type=positive_int, default=8, help="samples per batch (neighbours of one shape)")
     evaluation.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     evaluation.add_argument("--out", help="write the report as JSON here")
     evaluation.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -442,13 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     forecast.add_argument("--data", help="raw dataset root (`tokfleet prepare` output) to take held-out windows from")
     forecast.add_argument("--recording", help="a MEG/EEG recording file instead, preprocessed as --data (or the tokenizer's dataset)")
     forecast.add_argument("--split", default="val", help="manifest split of --data")
-    forecast.add_argument("--num-windows", type=int, default=4, help="windows (clips) to forecast")
-    forecast.add_argument("--context", type=int, help="context length in samples (frames); default: the window minus the horizon")
-    forecast.add_argument("--horizon", type=int, help="samples (frames) to forecast; default: a quarter of the window")
-    forecast.add_argument("--num-samples", type=int, default=1, help="forecasts per window (sampled; with --temperature > 0)")
-    forecast.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    forecast.add_argument("--top-k", type=int, help="sample among the k most likely codes")
-    forecast.add_argument("--seed", type=int, default=0, help="sampling seed")
+    forecast.add_argument("--num-windows", type=positive_int, default=4, help="windows (clips) to forecast")
+    forecast.add_argument("--context", type=positive_int, help="context length in samples (frames); default: the window minus the horizon")
+    forecast.add_argument("--horizon", type=positive_int, help="samples (frames) to forecast; default: a quarter of the window")
+    forecast.add_argument("--num-samples", type=positive_int, default=1, help="forecasts per window (sampled; with --temperature > 0)")
+    forecast.add_argument("--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 is greedy")
+    forecast.add_argument("--top-k", type=positive_int, help="sample among the k most likely codes")
+    forecast.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
     forecast.add_argument("--out", default="forecast", help="output folder for forecast.json and the plots")
     forecast.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     forecast.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -481,8 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C where no command handles it (start-up, loading): one line, no traceback
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        stop_at_once("tokfleet: interrupted")  # at once: a second Ctrl-C during a normal exit would end it by the signal
 
 
 if __name__ == "__main__":

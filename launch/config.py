@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from launch.schema import ConfigError, apply_overrides, from_dict, option
+from launch.schema import ConfigError, apply_overrides, check_bounds, from_dict, load_yaml, option
 
 # ---------------------------------------------------------------- train config
 
@@ -22,13 +22,12 @@ from launch.schema import ConfigError, apply_overrides, from_dict, option
 class RunConfig:
     name: str = option("run", "run name, used for logging")
     output_dir: str = option("runs/default", "run directory: config, metrics, checkpoints, plots, logs")
-    seed: int = option(1234, "seed for model init, data order and sampling")
-    max_steps: int = option(1000, "optimizer steps to train for (sets the LR schedule length)")
+    seed: int = option(1234, "seed for model init, data order and sampling", bound="[0, 2**63)")
+    max_steps: int = option(1000, "optimizer steps to train for (sets the LR schedule length)", bound=">= 1")
     device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "single-device engine device; auto picks cuda > mps > cpu")
 
     def __post_init__(self):
-        if self.max_steps < 1:
-            raise ValueError(f"run.max_steps must be >= 1, got {self.max_steps}")
+        check_bounds(self, "run")
 
 
 @dataclass
@@ -45,38 +44,35 @@ class DataConfig:
     dataset: str = option(help="dataset root URL holding manifest.json and the shards")
     train_split: str = option("train", "manifest split used for training")
     val_split: str = option("val", "manifest split used for validation ('' disables validation)")
-    num_streams: int = option(64, "logical data streams; fixed for a dataset so resume works at any world size")
+    num_streams: int = option(64, "logical data streams; fixed for a dataset so resume works at any world size", bound=">= 1")
     shuffle: bool = option(True, "shuffle shard order and samples within a shard per epoch")
-    num_workers: int = option(0, "DataLoader worker processes per rank")
+    num_workers: int = option(0, "DataLoader worker processes per rank", bound=">= 0")
     log_sample_keys: bool = option(False, "write each consumed sample key to logs/sample_keys-rank*.jsonl")
+    verify: bool = option(True, "check each shard's size and sha256 against the manifest when a process first reads it")
+    on_corrupt: Literal["error", "skip"] = option("error", "corrupt shard/sample or out-of-vocabulary token id: stop, or skip it "
+                                                           "(counted in metrics, listed in logs/skipped-rank*.jsonl)")
     storage_options: dict[str, Any] = option(help="fsspec storage options for the dataset URL", factory=dict)
 
     def __post_init__(self):
-        if self.num_streams < 1:
-            raise ValueError(f"data.num_streams must be >= 1, got {self.num_streams}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        check_bounds(self, "data")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = option(3e-4, "peak learning rate of AdamW")
-    min_lr_ratio: float = option(0.1, "final LR as a fraction of the peak (cosine schedule)")
-    warmup_steps: int = option(100, "linear warmup steps")
+    lr: float = option(3e-4, "peak learning rate of AdamW", bound="> 0")
+    min_lr_ratio: float = option(0.1, "final LR as a fraction of the peak (cosine schedule)", bound="[0, 1]")
+    warmup_steps: int = option(100, "linear warmup steps", bound=">= 0")
     schedule: Literal["cosine", "constant"] = option("cosine", "LR schedule after warmup")
-    weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms/embeddings)")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    eps: float = option(1e-8, "AdamW epsilon")
-    grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping")
-    micro_batch_size: int = option(8, "sequences per forward/backward on one rank")
-    grad_accum_steps: int = option(1, "micro-batches accumulated per optimizer step")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms/embeddings)", bound=">= 0")
+    beta1: float = option(0.9, "AdamW beta1", bound="[0, 1)")
+    beta2: float = option(0.95, "AdamW beta2", bound="[0, 1)")
+    eps: float = option(1e-8, "AdamW epsilon", bound="> 0")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping", bound=">= 0")
+    micro_batch_size: int = option(8, "sequences per forward/backward on one rank", bound=">= 1")
+    grad_accum_steps: int = option(1, "micro-batches accumulated per optimizer step", bound=">= 1")
 
     def __post_init__(self):
-        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
-            raise ValueError("optim.micro_batch_size and optim.grad_accum_steps must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        check_bounds(self, "optim")
 
 
 @dataclass
@@ -88,19 +84,18 @@ class EngineConfig:
         "fp32", "fp32; bf16 (autocast, or bf16 weights with fp32 master copies under DeepSpeed); fp16 with loss scaling (GPU)")
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = option(
         "auto", "accelerate only: auto takes what `accelerate launch --config_file` set, else ddp")
-    peak_flops: float = option(0.0, "peak FLOP/s of one device for MFU; 0 measures an fp32 matmul at start")
-    zero_stage: int | None = option(None, "DeepSpeed ZeRO stage 0-3; empty: the deepspeed_config's stage, else 0")
+    peak_flops: float = option(0.0, "peak FLOP/s of one device for MFU; 0 measures an fp32 matmul at start", bound=">= 0")
+    zero_stage: int | None = option(None, "DeepSpeed ZeRO stage 0-3; empty: the deepspeed_config's stage, else 0", bound="[0, 3]")
     offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer states in CPU memory (ZeRO 1-3)")
     offload_params: bool = option(False, "DeepSpeed: keep parameters in CPU memory (ZeRO 3 only)")
     deepspeed_config: str | None = option(None, "DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); this config's values win")
-    timeout_s: float = option(300.0, "seconds a collective waits for a missing rank before the job fails")
+    timeout_s: float = option(300.0, "seconds a collective waits for a missing rank before the job fails", bound="> 0")
     expert_parallel_size: int = option(
         1, "DeepSpeed + MoE model: ranks that split each MoE layer's experts (tokens go all-to-all between them); "
-           "divides the world size and the experts per layer. 1: every rank holds every expert")
+           "divides the world size and the experts per layer. 1: every rank holds every expert", bound=">= 1")
 
     def __post_init__(self):
-        if self.zero_stage is not None and not 0 <= self.zero_stage <= 3:
-            raise ValueError(f"engine.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check_bounds(self, "engine")
         uses_deepspeed = self.kind == "deepspeed" or (self.kind == "accelerate" and self.strategy in ("auto", "deepspeed"))
         if not uses_deepspeed and (self.zero_stage is not None or self.offload_optimizer or self.offload_params or self.deepspeed_config):
             raise ValueError(f"engine.zero_stage/offload_*/deepspeed_config need DeepSpeed (engine.kind deepspeed, or "
@@ -109,34 +104,39 @@ class EngineConfig:
             raise ValueError(f"engine.strategy is for engine.kind accelerate, not {self.kind!r}")
         if self.offload_params and self.zero_stage not in (None, 3):
             raise ValueError(f"engine.offload_params needs ZeRO stage 3, not {self.zero_stage}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"engine.timeout_s must be > 0, got {self.timeout_s}")
-        if self.expert_parallel_size < 1:
-            raise ValueError(f"engine.expert_parallel_size must be >= 1, got {self.expert_parallel_size}")
         if self.expert_parallel_size > 1 and self.kind != "deepspeed":
             raise ValueError(f"engine.expert_parallel_size > 1 needs engine.kind deepspeed, not {self.kind!r}")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = option(100, "save a checkpoint every N optimizer steps (0: only at the end)")
-    keep_last: int = option(3, "complete checkpoints to keep; older ones are deleted")
+    every_steps: int = option(100, "save a checkpoint every N optimizer steps (0: only at the end)", bound=">= 0")
+    keep_last: int = option(3, "complete checkpoints to keep; older ones are deleted", bound=">= 1")
     save_final: bool = option(True, "save a checkpoint when training finishes")
+
+    def __post_init__(self):
+        check_bounds(self, "checkpoint")
 
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = option(10, "write a metrics.jsonl line every N steps")
+    every_steps: int = option(10, "write a metrics.jsonl line every N steps", bound=">= 1")
     progress: bool = option(True, "show a progress bar")
     wandb: bool = option(True, "log to Weights & Biases")
     wandb_mode: Literal["offline", "online", "disabled"] = option("offline", "wandb mode; offline needs no account")
     wandb_project: str = option("tokfleet", "wandb project")
 
+    def __post_init__(self):
+        check_bounds(self, "logging")
+
 
 @dataclass
 class EvalConfig:
-    every_steps: int = option(100, "validate every N steps (0: only at the end)")
-    num_batches: int = option(8, "validation micro-batches per evaluation")
+    every_steps: int = option(100, "validate every N steps (0: only at the end)", bound=">= 0")
+    num_batches: int = option(8, "validation micro-batches per evaluation", bound=">= 1")
+
+    def __post_init__(self):
+        check_bounds(self, "eval")
 
 
 # ------------------------------------------------------------------- launch (cluster jobs)
@@ -150,41 +150,40 @@ class SlurmLaunchConfig:
     qos: str | None = option(None, "sbatch --qos")
     constraint: str | None = option(None, "sbatch --constraint (node features)")
     mem: str | None = option(None, "sbatch --mem per node, e.g. 64G; empty: the cluster's default")
-    cpus_per_task: int = option(0, "sbatch --cpus-per-task (one task = one node's launcher); 0: the cluster's default")
+    cpus_per_task: int = option(0, "sbatch --cpus-per-task (one task = one node's launcher); 0: the cluster's default", bound=">= 0")
     job_name: str | None = option(None, "sbatch --job-name; empty: run.name (train) or the config's file name")
     extra_sbatch: list[str] = option(help="more #SBATCH options, e.g. ['--exclusive', '--mail-type=END']", factory=list)
     requeue: bool = option(False, "ask for a warning signal before the time limit / preemption, checkpoint on it and requeue")
-    signal_seconds: int = option(300, "with requeue: seconds before the time limit that SLURM sends the warning signal")
+    signal_seconds: int = option(300, "with requeue: seconds before the time limit that SLURM sends the warning signal", bound=">= 1")
     template: str | None = option(None, "an sbatch template of your own (Python string.Template, see slurm/); empty: slurm/'s")
     setup: list[str] = option(help="shell lines run on every node before the launcher (module load, source venv/bin/activate)", factory=list)
 
     def __post_init__(self):
-        if self.cpus_per_task < 0 or self.signal_seconds < 1:
-            raise ValueError(f"launch.slurm.cpus_per_task must be >= 0 and signal_seconds >= 1, got {self.cpus_per_task}, {self.signal_seconds}")
+        check_bounds(self, "launch.slurm")
 
 
 @dataclass
 class RayLaunchConfig:
     address: str | None = option(None, "Ray Jobs API address of the cluster head, e.g. http://HEAD:8265")
-    cpus_per_worker: float = option(1.0, "training: CPUs reserved per Ray Train worker (one worker per rank)")
-    gpus_per_worker: float = option(0.0, "training: GPUs per Ray Train worker")
+    cpus_per_worker: float = option(1.0, "training: CPUs reserved per Ray Train worker (one worker per rank)", bound=">= 0")
+    gpus_per_worker: float = option(0.0, "training: GPUs per Ray Train worker", bound=">= 0")
     runtime_env: dict[str, Any] = option(
         help="extra Ray runtime_env (env_vars, pip, ...); working_dir defaults to this checkout without .venv/data/runs "
              "(working_dir: '' uploads nothing: the cluster's installed tokfleet runs)", factory=dict)
-    entrypoint_num_cpus: float = option(0.0, "CPUs reserved for the job's driver")
+    entrypoint_num_cpus: float = option(0.0, "CPUs reserved for the job's driver", bound=">= 0")
     python: str = option("python", "interpreter that runs the job's driver on the cluster: `python` is the head's PATH's "
                                    "(activate the venv before `ray start`), or an absolute path")
 
     def __post_init__(self):
-        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.entrypoint_num_cpus < 0:
-            raise ValueError("launch.ray.cpus_per_worker, gpus_per_worker and entrypoint_num_cpus must be >= 0")
+        check_bounds(self, "launch.ray")
 
 
 @dataclass
 class LaunchConfig:
-    nodes: int = option(1, "nodes (SLURM) ; Ray and local run on what the cluster / machine has")
-    nproc_per_node: int = option(1, "training processes (ranks) per node: GPUs per node, or CPU processes")
-    gpus_per_node: int = option(0, "GPUs per node asked of SLURM (--gres=gpu:N); `submit slurm --gpus-per-node N` sets it and nproc_per_node")
+    nodes: int = option(1, "nodes (SLURM) ; Ray and local run on what the cluster / machine has", bound=">= 1")
+    nproc_per_node: int = option(1, "training processes (ranks) per node: GPUs per node, or CPU processes", bound=">= 1")
+    gpus_per_node: int = option(0, "GPUs per node asked of SLURM (--gres=gpu:N); `submit slurm --gpus-per-node N` sets it and nproc_per_node",
+                                bound=">= 0")
     launcher: Literal["auto", "torchrun", "deepspeed", "accelerate"] = option(
         "auto", "per-node launcher for training; auto: deepspeed for engine.kind deepspeed, accelerate launch for accelerate, else torchrun")
     env: dict[str, str] = option(help="environment variables set for every process of the job", factory=dict)
@@ -192,10 +191,7 @@ class LaunchConfig:
     ray: RayLaunchConfig = option(help="Ray settings (tokfleet submit ray)", factory=RayLaunchConfig)
 
     def __post_init__(self):
-        if self.nodes < 1 or self.nproc_per_node < 1:
-            raise ValueError(f"launch.nodes and launch.nproc_per_node must be >= 1, got {self.nodes}, {self.nproc_per_node}")
-        if self.gpus_per_node < 0:
-            raise ValueError(f"launch.gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        check_bounds(self, "launch")
 
 
 @dataclass
@@ -224,32 +220,35 @@ class SourceConfig:
     hf_config: str | None = option(None, "dataset configuration name")
     hf_split: str = option("train", "dataset split to read")
     hf_text_field: str = option("text", "column holding the text")
-    max_files: int = option(0, "use at most this many files/documents (0: all)")
+    max_files: int = option(0, "use at most this many files/documents (0: all)", bound=">= 0")
     storage_options: dict[str, Any] = option(help="fsspec storage options for the source paths (s3://...)", factory=dict)
+
+    def __post_init__(self):
+        check_bounds(self, "source")
 
 
 @dataclass
 class TokenizerConfig:
     kind: Literal["bpe", "pretrained"] = option("bpe", "train a byte-level BPE, or load a local HF tokenizer folder")
-    vocab_size: int = option(8192, "BPE vocabulary size (bpe only)")
-    min_frequency: int = option(2, "minimum pair frequency for a BPE merge")
+    vocab_size: int = option(8192, "BPE vocabulary size (bpe only): 256 bytes + <|endoftext|> + merges", bound="[257, 2**31]")
+    min_frequency: int = option(2, "minimum pair frequency for a BPE merge", bound=">= 0")
     path: str | None = option(None, "local HF tokenizer folder (pretrained only)")
+
+    def __post_init__(self):
+        check_bounds(self, "tokenizer")
 
 
 @dataclass
 class ShardsConfig:
     output: str = option(help="dataset root URL: shards, manifest.json and tokenizer/ go here")
     name: str = option("text", "shard name prefix: {name}-{index:06d}.tar")
-    seq_len: int = option(256, "tokens per training sequence (samples store seq_len + 1 tokens)")
-    source_bytes_per_shard: int = option(1_000_000, "source bytes grouped into one shard (a Ray task each)")
-    val_fraction: float = option(0.05, "fraction of shards held out as the val split")
+    seq_len: int = option(256, "tokens per training sequence (samples store seq_len + 1 tokens)", bound=">= 2")
+    source_bytes_per_shard: int = option(1_000_000, "source bytes grouped into one shard (a Ray task each)", bound=">= 1")
+    val_fraction: float = option(0.05, "fraction of shards held out as the val split", bound="[0, 1)")
     storage_options: dict[str, Any] = option(help="fsspec storage options for the output URL", factory=dict)
 
     def __post_init__(self):
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"shards.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.seq_len < 2:
-            raise ValueError(f"shards.seq_len must be >= 2, got {self.seq_len}")
+        check_bounds(self, "shards")
 
 
 @dataclass
@@ -257,22 +256,21 @@ class MegConfig:
     channel_types: list[str] = option(help="mne channel types to keep (mag, grad, eeg, seeg, ecog, ...)",
                                       factory=lambda: ["mag", "grad", "eeg"])
     exclude_bads: bool = option(True, "leave out the channels a recording marks as bad")
-    sfreq: float = option(250.0, "resample every recording to this rate (Hz), so all windows have one length")
-    l_freq: float | None = option(0.5, "high-pass edge of the band-pass filter (Hz); empty: no high-pass")
-    h_freq: float | None = option(100.0, "low-pass edge (Hz), below sfreq / 2; empty: no low-pass")
-    notch_freqs: list[float] = option(help="line-noise frequencies notched out before band-passing (Hz), e.g. [50, 100]", factory=list)
-    window_s: float = option(2.0, "window length (s); window_s * sfreq samples")
-    overlap_s: float = option(0.0, "overlap of consecutive windows (s), below window_s")
+    sfreq: float = option(250.0, "resample every recording to this rate (Hz), so all windows have one length", bound="> 0")
+    l_freq: float | None = option(0.5, "high-pass edge of the band-pass filter (Hz), below h_freq; empty: no high-pass", bound="> 0")
+    h_freq: float | None = option(100.0, "low-pass edge (Hz), below sfreq / 2; empty: no low-pass", bound="> 0")
+    notch_freqs: list[float] = option(help="line-noise frequencies notched out before band-passing (Hz), below sfreq / 2, e.g. [50, 100]",
+                                      factory=list, bound="> 0")
+    window_s: float = option(2.0, "window length (s); window_s * sfreq samples", bound="> 0")
+    overlap_s: float = option(0.0, "overlap of consecutive windows (s), below window_s", bound=">= 0")
     normalization: Literal["robust", "zscore", "none"] = option(
         "robust", "per-channel, per-recording: robust (median, IQR / 1.349), zscore (mean, std) or none; stats stored per window")
 
     def __post_init__(self):
-        if self.sfreq <= 0:
-            raise ValueError(f"meg.sfreq must be > 0, got {self.sfreq}")
-        if self.h_freq is not None and not 0 < self.h_freq < self.sfreq / 2:
-            raise ValueError(f"meg.h_freq must be in (0, sfreq / 2 = {self.sfreq / 2:g}), got {self.h_freq}")
-        if self.l_freq is not None and not 0 < self.l_freq < (self.h_freq or self.sfreq / 2):
-            raise ValueError(f"meg.l_freq must be > 0 and below h_freq, got {self.l_freq}")
+        check_bounds(self, "meg")  # sfreq first: the frequencies' bounds depend on it (and l_freq's on h_freq)
+        nyquist = f"(0, {self.sfreq / 2:.12g})"  # sfreq / 2
+        check_bounds(self, "meg", h_freq=nyquist, notch_freqs=nyquist)
+        check_bounds(self, "meg", l_freq=f"(0, {self.h_freq or self.sfreq / 2:.12g})")  # below h_freq
         for name, seconds in (("window_s", self.window_s), ("overlap_s", self.overlap_s)):
             if abs(seconds * self.sfreq - round(seconds * self.sfreq)) > 1e-6:
                 raise ValueError(f"meg.{name} * meg.sfreq must be a whole number of samples, got {seconds} * {self.sfreq:g}")
@@ -286,34 +284,27 @@ class MegConfig:
 
 @dataclass
 class VideoConfig:
-    height: int = option(64, "frame height of the clips (pixels)")
-    width: int = option(64, "frame width of the clips (pixels)")
+    height: int = option(64, "frame height of the clips (pixels)", bound=">= 1")
+    width: int = option(64, "frame width of the clips (pixels)", bound=">= 1")
     resize: Literal["crop", "stretch"] = option("crop", "crop: scale to cover height x width, then center-crop; stretch: scale to it")
-    fps: float = option(0.0, "frame rate of the clips (nearest source frame per tick); 0 keeps each video's own rate")
-    clip_frames: int = option(16, "frames per clip")
-    stride_frames: int = option(16, "frames between the starts of consecutive clips (< clip_frames: overlapping clips)")
-    max_clips_per_file: int = option(0, "keep at most this many clips of each video (0: all)")
+    fps: float = option(0.0, "frame rate of the clips (nearest source frame per tick); 0 keeps each video's own rate", bound=">= 0")
+    clip_frames: int = option(16, "frames per clip", bound=">= 1")
+    stride_frames: int = option(16, "frames between the starts of consecutive clips (< clip_frames: overlapping clips)", bound=">= 1")
+    max_clips_per_file: int = option(0, "keep at most this many clips of each video (0: all)", bound=">= 0")
 
     def __post_init__(self):
-        if self.height < 1 or self.width < 1:
-            raise ValueError(f"video.height and video.width must be >= 1, got {self.height}x{self.width}")
-        if self.fps < 0:
-            raise ValueError(f"video.fps must be >= 0, got {self.fps}")
-        if self.clip_frames < 1 or self.stride_frames < 1:
-            raise ValueError(f"video.clip_frames and video.stride_frames must be >= 1, got {self.clip_frames}, {self.stride_frames}")
-        if self.max_clips_per_file < 0:
-            raise ValueError(f"video.max_clips_per_file must be >= 0, got {self.max_clips_per_file}")
+        check_bounds(self, "video")
 
 
 @dataclass
 class TokenIdsConfig:
-    vocab_size: int = option(0, "vocabulary size: every id must be below it; 0: the largest id in the inputs (or separator_id) + 1")
+    vocab_size: int = option(0, "vocabulary size: every id must be below it; 0: the largest id in the inputs (or separator_id) + 1",
+                             bound="[0, 2**31]")  # ids beyond 2**16 are stored as int32
     separator_id: int | None = option(
         None, "id appended after every document (a .txt or 1-D .npy file, a row of a 2-D .npy), e.g. an end-of-document id; empty: none")
 
     def __post_init__(self):
-        if not 0 <= self.vocab_size <= 2**31:  # ids beyond 2**16 are stored as int32
-            raise ValueError(f"token_ids.vocab_size must be in [0, 2**31], got {self.vocab_size}")
+        check_bounds(self, "token_ids")
         if self.separator_id is not None and not 0 <= self.separator_id < (self.vocab_size or 2**31):
             raise ValueError(f"token_ids.separator_id must be >= 0 and below token_ids.vocab_size ({self.vocab_size or 2**31}), "
                              f"got {self.separator_id}")
@@ -322,13 +313,13 @@ class TokenIdsConfig:
 @dataclass
 class RayConfig:
     address: str | None = option(None, "Ray cluster address; empty starts a local instance")
-    num_cpus: int = option(0, "CPUs of the local instance (0: all)")
-    object_store_mb: int = option(512, "object store size of the local instance")
-    max_tasks: int = option(0, "prepare: shard-building tasks running at once (0: one per CPU); lower it when one input needs much memory")
+    num_cpus: int = option(0, "CPUs of the local instance (0: all)", bound=">= 0")
+    object_store_mb: int = option(512, "object store size of the local instance (MiB; Ray needs at least 75)", bound=">= 75")
+    max_tasks: int = option(0, "prepare: shard-building tasks running at once (0: one per CPU); lower it when one input needs much memory",
+                            bound=">= 0")
 
     def __post_init__(self):
-        if self.max_tasks < 0:
-            raise ValueError(f"ray.max_tasks must be >= 0, got {self.max_tasks}")
+        check_bounds(self, "ray")
 
 
 @dataclass
@@ -367,26 +358,22 @@ class PretokenizeModelConfig:
 class TokenShardsConfig:
     output: str = option(help="token dataset root URL: token shards and manifest.json go here")
     name: str = option("tokens", "shard name prefix: {name}-{index:06d}.tar")
-    raw_shards_per_shard: int = option(1, "consecutive raw shards (of one split) tokenized into one token shard")
+    raw_shards_per_shard: int = option(1, "consecutive raw shards (of one split) tokenized into one token shard", bound=">= 1")
     storage_options: dict[str, Any] = option(help="fsspec storage options for the output URL", factory=dict)
 
     def __post_init__(self):
-        if self.raw_shards_per_shard < 1:
-            raise ValueError(f"shards.raw_shards_per_shard must be >= 1, got {self.raw_shards_per_shard}")
+        check_bounds(self, "shards")
 
 
 @dataclass
 class ActorPoolConfig:
-    num_actors: int = option(1, "tokenizer actors (model replicas) in the Ray Data actor pool")
-    num_cpus: float = option(1.0, "CPUs reserved per actor")
-    num_gpus: float = option(0.0, "GPUs per actor (1 on a GPU node; a fraction shares a GPU)")
-    batch_size: int = option(32, "samples per tokenizer forward pass (neighbouring samples of one shape)")
+    num_actors: int = option(1, "tokenizer actors (model replicas) in the Ray Data actor pool", bound=">= 1")
+    num_cpus: float = option(1.0, "CPUs reserved per actor", bound=">= 0")
+    num_gpus: float = option(0.0, "GPUs per actor (1 on a GPU node; a fraction shares a GPU)", bound=">= 0")
+    batch_size: int = option(32, "samples per tokenizer forward pass (neighbouring samples of one shape)", bound=">= 1")
 
     def __post_init__(self):
-        if self.num_actors < 1 or self.batch_size < 1:
-            raise ValueError(f"actors.num_actors and actors.batch_size must be >= 1, got {self.num_actors}, {self.batch_size}")
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError(f"actors.num_cpus and actors.num_gpus must be >= 0, got {self.num_cpus}, {self.num_gpus}")
+        check_bounds(self, "actors")
 
 
 @dataclass
@@ -405,28 +392,66 @@ ConfigT = TypeVar("ConfigT")
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The top-level mapping of YAML file `path`. Anything else is a one-line ConfigError naming the file:
+    missing, a folder, unreadable, not UTF-8 text, a syntax error (line and column), a duplicate key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory, not a YAML file")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"config {path} is not a regular file")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable (permission denied)") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not a text file (UTF-8): byte 0x{raw[error.start]:02x} at offset {error.start}") from None
+    if "\0" in text:
+        raise ConfigError(f"config file {path} is not a text file (UTF-8): NUL byte at offset {text.index(chr(0))}")
+    try:
+        data = load_yaml(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({error.context} at line {error.context_mark.line + 1})" if error.context and error.context_mark else ""
+        problem = error.problem or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}{context}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    except ConfigError as error:  # a duplicate key
+        raise ConfigError(f"{path}: {error}", key=error.key) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got a {type(data).__name__}")
     return data
 
 
 def load_config(path: str | Path, cls: type[ConfigT], overrides: list[str] | None = None) -> ConfigT:
-    """Read YAML `path`, apply `--set` overrides, validate against `cls`."""
+    """Read YAML `path`, apply `--set` overrides, validate against `cls`. An error a `--set` caused names it."""
     data = read_yaml(path)
+    overrides = overrides or []
     try:
-        apply_overrides(data, cls, overrides or [])
+        apply_overrides(data, cls, overrides)
         return from_dict(cls, data)
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+        message = str(error)
+        culprit = None if message.startswith("--set ") else _override_setting(error.key, overrides)
+        raise ConfigError(f"{path}: " + (f"--set {culprit}: " if culprit else "") + message, key=error.key) from None
+
+
+def _override_setting(key: str | None, overrides: list[str]) -> str | None:
+    """The last `--set` that set `key`, a section above it or a key inside it."""
+    for text in reversed(overrides):
+        setting = text.split("=", 1)[0].strip()
+        if key and (setting == key or key.startswith((f"{setting}.", f"{setting}[")) or setting.startswith(f"{key}.")):
+            return text
+    return None
 
 
 def dump_config(config: Any) -> str:

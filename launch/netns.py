@@ -53,8 +53,35 @@ def _kill_namespace_processes(name: str) -> None:
         pids = alive
 
 
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_namespaces() -> None:
+    """Namespaces `tokfleet-PID` whose PID is gone (a SIGKILLed command could not delete its own):
+    stop what still runs in them (e.g. a Ray worker), then delete them."""
+    result = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    for line in result.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        prefix, _, pid = name.partition("-")
+        if prefix == "tokfleet" and pid.isdigit() and not _is_alive(int(pid)):
+            _kill_namespace_processes(name)
+            subprocess.run(["ip", "netns", "delete", name], stderr=subprocess.DEVNULL)
+
+
 def run_confined(argv: list[str]) -> int:
-    """Run `argv` in a new loopback-only namespace; delete the namespace afterwards."""
+    """Run `argv` in a new loopback-only namespace; delete the namespace afterwards.
+
+    The command runs in its own process group, so a terminal's Ctrl-C reaches it once, through this
+    process (which forwards SIGINT and SIGTERM), not twice; and it dies with this process.
+    """
+    remove_stale_namespaces()
     name = f"tokfleet-{os.getpid()}"
     _ip("netns", "add", name)
     try:
@@ -62,7 +89,8 @@ def run_confined(argv: list[str]) -> int:
         _ip("netns", "exec", name, "ip", "addr", "add", "127.0.0.2/8", "dev", "lo")
         env = dict(os.environ, **{ENV_NAME: name})
         # nsenter, not `ip netns exec`: the latter remounts /sys, which breaks slurmd
-        child = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{name}", *argv], env=env)
+        child = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{name}", *argv], env=env, process_group=0,
+                                 preexec_fn=_die_with_parent)
         forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -73,6 +101,14 @@ def run_confined(argv: list[str]) -> int:
     finally:
         _kill_namespace_processes(name)
         subprocess.run(["ip", "netns", "delete", name], stderr=subprocess.DEVNULL)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
 def ensure_confined() -> None:

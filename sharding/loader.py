@@ -29,11 +29,24 @@ read to the end. Nothing of either epoch is lost or read twice.
 With a torch DataLoader and worker processes, use `ShardIterableDataset`: its samples carry
 `__stream__` and `__position__`, which a `LoaderState` in the main process applies as batches
 are consumed, so the authoritative state never depends on what workers prefetched.
+
+Data is verified where it is read: with `verify` (the default) the bytes of each shard are
+checked against the manifest's size and sha256 when the process first reads that shard (the
+whole shard is in memory anyway; hashing runs at ~1 GB/s, decoding at tens of MB/s), and every
+sample is checked against the manifest's fields (dtype, shape) as it is decoded. A corrupt shard
+or sample is a UserError naming the dataset, the shard and the sample key; with
+`on_corrupt="skip"` it is skipped instead: the stream moves past it exactly as if it had been
+read (a shard: to the next shard; a sample: one on), so fresh runs and resumes agree, and
+`iter_with_positions` yields a marker `{"__skipped__": {"shard", "key", "reason"}}` in its place
+(`__iter__` logs it) for the consumer to count and list. A state may carry such counts as
+`skipped` ({"shards": n, "samples": m}): `merge_states` sums them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import logging
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -42,9 +55,21 @@ import torch
 from launch.errors import UserError
 from sharding import storage
 from sharding.manifest import Manifest, ShardRecord
-from sharding.shards import decode_sample, split_samples
+from sharding.shards import CorruptSample, decode_sample, field_specs, split_samples
+
+log = logging.getLogger("tokfleet.data")
 
 _SHARD_ORDER, _SAMPLE_ORDER = 0, 1  # keep the two kinds of permutation independent
+
+
+ON_CORRUPT = ("error", "skip")
+SKIPPED = "__skipped__"  # the key of a skip marker in place of a sample
+_verified: set[tuple[str, str, str, int]] = set()  # (dataset, shard, sha256, bytes) checked in this process
+
+
+def forget_verified_shards() -> None:
+    """Check every shard again on its next read (benchmarks; a test that rewrites shards in place)."""
+    _verified.clear()
 
 
 def _rng(*entropy: int) -> np.random.Generator:
@@ -153,7 +178,11 @@ def merge_states(states: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"stream {stream} has two different positions: {positions[stream]} (epoch {epochs[stream]}) "
                                  f"and {position} (epoch {epoch})")
             positions[stream], epochs[stream] = position, epoch
-    return _state(min(epochs.values()), first["seed"], first["num_streams"], positions, epochs)
+    merged = _state(min(epochs.values()), first["seed"], first["num_streams"], positions, epochs)
+    skipped = {kind: sum(state.get("skipped", {}).get(kind, 0) for state in states) for kind in ("shards", "samples")}
+    if any(skipped.values()):
+        merged["skipped"] = skipped
+    return merged
 
 
 class ShardLoader:
@@ -173,11 +202,15 @@ class ShardLoader:
         seed: int = 0,
         shuffle: bool = True,
         storage_options: dict[str, Any] | None = None,
+        verify: bool = True,
+        on_corrupt: str = "error",
     ):
         if not 0 <= rank < world_size or not 0 <= worker_id < num_workers:
             raise ValueError(f"need 0 <= rank < world_size and 0 <= worker_id < num_workers, got rank {rank}/{world_size}, worker {worker_id}/{num_workers}")
         if num_streams < 1:
             raise ValueError(f"num_streams must be >= 1, got {num_streams}")
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         self.shards: list[ShardRecord] = manifest.shards_of(split)
         if not self.shards:
             raise UserError(f"{dataset_url}: the manifest has no shards in split {split!r}")
@@ -186,8 +219,10 @@ class ShardLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.storage_options = storage_options
+        self.verify, self.on_corrupt = verify, on_corrupt
+        self.fields = field_specs(manifest.fields)
         self.streams = streams_of_reader(num_streams, rank * num_workers + worker_id, world_size * num_workers)
-        self._loaded: dict[int, tuple[list, np.ndarray]] = {}  # shard id -> (samples in file order, visiting order)
+        self._loaded: dict[int, tuple[list, np.ndarray] | dict] = {}  # shard id -> (samples in file order, visiting order) or a skip report
         self._later: dict[int, tuple[int, list[int]]] = {}  # loaded streams already in a later epoch: (epoch, position)
         self._start_epoch(0)
 
@@ -236,27 +271,54 @@ class ShardLoader:
     def _is_finished(self, stream: int) -> bool:
         return self._positions[stream][0] >= len(self._stream_shards[stream])
 
-    def _load(self, shard_id: int) -> tuple[list, np.ndarray]:
+    def _corrupt(self, shard: ShardRecord, reason: str, key: str | None = None, field: str | None = None) -> dict[str, Any]:
+        """Under on_corrupt "error", the UserError naming the shard (and sample); else the skip report."""
+        where = f"shard {shard.name} of {self.dataset_url}" + (f": sample {key}" if key is not None else "")
+        where += f", field {field}" if field is not None else ""
+        if self.on_corrupt == "error":
+            raise UserError(f"{where}: {reason}; rebuild it with `tokfleet prepare`, or set data.on_corrupt: skip to train without it")
+        return {"shard": shard.name, "key": key, "reason": f"field {field}: {reason}" if field is not None else reason}
+
+    def _shard_problem(self, shard: ShardRecord, data: bytes) -> str | None:
+        """What is wrong with `data` as the manifest's `shard` (size, sha256; once per shard and process)."""
+        checked = (self.dataset_url, shard.name, shard.sha256, shard.num_bytes)
+        if checked in _verified:
+            return None
+        if len(data) != shard.num_bytes:
+            return f"{len(data)} bytes, the manifest records {shard.num_bytes} (truncated or changed since `tokfleet prepare`)"
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
+            return "sha256 differs from the manifest (corrupt or changed since `tokfleet prepare`)"
+        _verified.add(checked)
+        return None
+
+    def _load(self, shard_id: int) -> tuple[list, np.ndarray] | dict[str, Any]:
+        """(samples in file order, visiting order) of a shard, or (on_corrupt "skip") the report of why it is skipped."""
         if shard_id not in self._loaded:
             shard = self.shards[shard_id]
             url = storage.join(self.dataset_url, shard.name)
             try:
-                samples = split_samples(storage.read_bytes(url, self.storage_options))
+                data = storage.read_bytes(url, self.storage_options)
             except FileNotFoundError:
-                raise UserError(f"{url}: shard missing (run `tokfleet prepare` again to rebuild it)") from None
-            except UserError:
-                raise  # storage already named the fault (credentials, bucket)
-            except ValueError as error:
-                raise UserError(f"{url}: {error} (run `tokfleet prepare` again to rebuild it)") from None
-            if len(samples) != shard.num_samples:
-                raise UserError(f"{url}: {len(samples)} samples, the manifest records {shard.num_samples} (run `tokfleet prepare` again)")
-            self._loaded[shard_id] = (samples, self._sample_order(shard_id))
+                self._loaded[shard_id] = self._corrupt(shard, "missing")
+                return self._loaded[shard_id]
+            # storage's UserErrors (credentials, bucket) are no fault of the shard: they propagate
+            problem = self._shard_problem(shard, data) if self.verify else None
+            if problem is None:
+                try:
+                    samples = split_samples(data)
+                except ValueError as error:
+                    problem = str(error)
+                else:
+                    if len(samples) != shard.num_samples:
+                        problem = f"{len(samples)} samples, the manifest records {shard.num_samples}"
+            self._loaded[shard_id] = self._corrupt(shard, problem) if problem else (samples, self._sample_order(shard_id))
         return self._loaded[shard_id]
 
     # -------------------------------------------------------- iterate
 
     def iter_with_positions(self) -> Iterator[tuple[int, list[int], dict[str, Any]]]:
-        """(stream, position after this sample, sample) for the rest of the epoch."""
+        """(stream, position after this sample, sample) for the rest of the epoch; a skipped shard or
+        sample (on_corrupt "skip") comes as (stream, position after it, {"__skipped__": report})."""
         for stream in self.streams:
             self._skip_finished_shards(stream)
         heap = [(self._consumed(stream), stream) for stream in self.streams if not self._is_finished(stream)]
@@ -264,17 +326,36 @@ class ShardLoader:
         while heap:
             consumed, stream = heapq.heappop(heap)
             shard_in_stream, offset = self._positions[stream]
-            samples, order = self._load(self._stream_shards[stream][shard_in_stream])
+            shard_id = self._stream_shards[stream][shard_in_stream]
+            loaded = self._load(shard_id)
+            if isinstance(loaded, dict):  # skipped whole: the rest of the shard counts as read
+                self._positions[stream] = [shard_in_stream, self.shards[shard_id].num_samples]
+                self._skip_finished_shards(stream)
+                if not self._is_finished(stream):
+                    heapq.heappush(heap, (self._consumed(stream), stream))
+                yield stream, list(self._positions[stream]), {SKIPPED: loaded}
+                continue
+            samples, order = loaded
             key, fields = samples[order[offset]]
             self._positions[stream] = [shard_in_stream, offset + 1]
             self._skip_finished_shards(stream)
             if not self._is_finished(stream):
                 heapq.heappush(heap, (consumed + 1, stream))
-            yield stream, list(self._positions[stream]), decode_sample(key, fields)
+            try:
+                sample = decode_sample(key, fields, self.fields)
+            except CorruptSample as error:
+                sample = {SKIPPED: self._corrupt(self.shards[shard_id], error.reason, key, error.field)}
+            else:
+                sample["__shard__"] = self.shards[shard_id].name
+            yield stream, list(self._positions[stream]), sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The samples alone; skipped shards and samples (on_corrupt "skip") are logged."""
         for _, _, sample in self.iter_with_positions():
-            yield sample
+            if SKIPPED in sample:
+                log_skip(sample[SKIPPED], self.dataset_url)
+            else:
+                yield sample
 
     def __len__(self) -> int:
         """Samples this reader yields in a whole epoch."""
@@ -305,6 +386,11 @@ class ShardLoader:
         self._start_epoch(int(state["epoch"]))
         for stream, position in now.items():
             self._positions[stream] = self._checked(stream, position)
+
+
+def log_skip(report: dict[str, Any], dataset_url: str) -> None:
+    what = f"sample {report['key']} of shard {report['shard']}" if report["key"] is not None else f"shard {report['shard']}"
+    log.warning("skipped %s of %s: %s", what, dataset_url, report["reason"])
 
 
 class LoaderState:
@@ -353,7 +439,8 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
     """ShardLoader for a torch DataLoader: each worker process reads its own streams.
 
     Samples carry `__stream__` (int) and `__position__` ((2,) int64 array) for the main
-    process's `LoaderState`. Call `set_epoch` / `load_state_dict` before creating the
+    process's `LoaderState`; so do the skip markers of on_corrupt "skip", which the consumer must
+    apply like samples (the position moves past what was skipped) and not train on. Call `set_epoch` / `load_state_dict` before creating the
     DataLoader iterator (workers copy the dataset then; don't use persistent_workers).
     """
 
@@ -370,6 +457,8 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
         seed: int = 0,
         shuffle: bool = True,
         storage_options: dict[str, Any] | None = None,
+        verify: bool = True,
+        on_corrupt: str = "error",
     ):
         self.manifest = manifest
         self.dataset_url = dataset_url
@@ -378,6 +467,7 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
         self.num_readers_per_rank = max(1, num_workers)  # the DataLoader's num_workers (0: the main process reads)
         self.num_streams, self.seed, self.shuffle = num_streams, seed, shuffle
         self.storage_options = storage_options
+        self.verify, self.on_corrupt = verify, on_corrupt
         self.epoch = 0
         self.state: dict[str, Any] | None = None
 
@@ -404,7 +494,7 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
         loader = ShardLoader(
             self.manifest, self.dataset_url, self.split, rank=self.rank, world_size=self.world_size,
             num_workers=num_workers, worker_id=worker_id, num_streams=self.num_streams, seed=self.seed,
-            shuffle=self.shuffle, storage_options=self.storage_options,
+            shuffle=self.shuffle, storage_options=self.storage_options, verify=self.verify, on_corrupt=self.on_corrupt,
         )
         loader.set_epoch(self.epoch)
         if self.state is not None:

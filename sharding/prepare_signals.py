@@ -36,6 +36,7 @@ from sharding.shard_build import (
     SkipInput,
     build_id,
     build_missing_shards,
+    claim_output,
     check_shard_name,
     created_by,
     finish_manifest,
@@ -202,8 +203,8 @@ class PrepareReport(BuildReport):
                 f"in {len(manifest.shards)} shards, {num_bytes / 1e6:.1f} MB, {len(manifest.skipped)} inputs skipped")
 
 
-def prepare_signals(cfg: PrepareConfig, progress: bool = True, strict: bool = False) -> PrepareReport:
-    """Build (or complete) the MEG/EEG or video dataset of `cfg` at `cfg.shards.output`."""
+def prepare_signals(cfg: PrepareConfig, progress: bool = True, strict: bool = False, overwrite: bool = False) -> PrepareReport:
+    """Build (or complete) the MEG/EEG or video dataset of `cfg` at `cfg.shards.output` (`overwrite`: see claim_output)."""
     shards_cfg, kind = cfg.shards, cfg.source.kind
     output, storage_options = shards_cfg.output, shards_cfg.storage_options
     check_shard_name(shards_cfg.name)
@@ -223,6 +224,7 @@ def prepare_signals(cfg: PrepareConfig, progress: bool = True, strict: bool = Fa
         log.warning("one shard only: no val split (lower shards.source_bytes_per_shard to get one)")
     log.info("%d %s files, %.1f MB, in %d groups", len(files), kind, sum(f.num_bytes for f in files) / 1e6, len(groups))
 
+    claim_output(output, storage_options, created_by(cfg, PROGRAM), overwrite)
     specs = _shard_specs(cfg, groups)
     build = functools.partial(build_signal_shard, storage_options=storage_options, source_options=cfg.source.storage_options)
     sidecars, built, build_seconds = build_missing_shards(specs, lambda _: build, cfg.ray, output=output, name=shards_cfg.name,

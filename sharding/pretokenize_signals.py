@@ -39,6 +39,7 @@ from sharding.shard_build import (
     BuildReport,
     build_id,
     build_missing_shards,
+    claim_output,
     check_shard_name,
     created_by,
     shard_sidecar,
@@ -201,12 +202,16 @@ def shard_tokenizer_kwargs(cfg: PretokenizeConfig, info: Any) -> dict[str, Any]:
             "output_options": cfg.shards.storage_options}
 
 
-def pretokenize_signals(cfg: PretokenizeConfig, progress: bool = True, strict: bool = False) -> PretokenizeReport:
-    """Build (or complete) the token dataset of `cfg` at `cfg.shards.output`."""
+def pretokenize_signals(cfg: PretokenizeConfig, progress: bool = True, strict: bool = False,
+                        overwrite: bool = False) -> PretokenizeReport:
+    """Build (or complete) the token dataset of `cfg` at `cfg.shards.output`; a token dataset there made
+    with other settings or another tokenizer's weights is moved aside with `overwrite` (else: UserError)."""
     from trainer.tokenizer_runner import TOKEN_KINDS
 
     output, output_options = cfg.shards.output, cfg.shards.storage_options
     info, raw, specs = plan_pretokenize(cfg)
+    claim_output(output, output_options, {"config": _made_by(cfg), "tokenizer_sha256": info.weights_sha256}, overwrite,
+                 identity=lambda manifest: {"config": manifest.created_by, "tokenizer_sha256": manifest.tokenizer.get("sha256")})
     actors = cfg.actors
     sidecars, built, build_seconds = build_missing_shards(
         specs,
@@ -220,6 +225,10 @@ def pretokenize_signals(cfg: PretokenizeConfig, progress: bool = True, strict: b
     unit = "windows" if raw.kind == "meg_windows" else "clips"
     return PretokenizeReport(manifest, output, unit, len(built), sum(s["num_samples"] for s in built),
                              sum(s["num_bytes"] for s in built), build_seconds)
+
+
+def _made_by(cfg: PretokenizeConfig) -> dict[str, Any]:
+    return created_by(cfg, PROGRAM, how_it_ran=("ray", "actors", "launch"))
 
 
 def _assemble_manifest(cfg: PretokenizeConfig, raw: Manifest, info: Any, specs: list[TokenShardSpec],
@@ -259,5 +268,5 @@ def _assemble_manifest(cfg: PretokenizeConfig, raw: Manifest, info: Any, specs: 
         skipped=sorted(skipped, key=lambda entry: entry.path),
         stats={"num_files": len({s for shard in shards for s in shard.sources}), "num_samples": num_samples,
                "num_tokens": num_tokens, "num_bytes": sum(s.num_bytes for s in shards)},
-        created_by=created_by(cfg, PROGRAM, how_it_ran=("ray", "actors", "launch")),
+        created_by=_made_by(cfg),
     )

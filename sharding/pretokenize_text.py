@@ -34,6 +34,7 @@ from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord, SkippedInpu
 from sharding.shard_build import (  # verify_dataset: re-exported, callers import it from here too
     build_id,
     build_missing_shards,
+    claim_output,
     check_shard_name,
     created_by,
     finish_manifest,
@@ -201,10 +202,11 @@ def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]], provenance: d
     return specs
 
 
-def prepare_text(cfg: PrepareConfig, progress: bool = True, strict: bool = False) -> Manifest:
+def prepare_text(cfg: PrepareConfig, progress: bool = True, strict: bool = False, overwrite: bool = False) -> Manifest:
     """Build (or complete) the text token dataset of `cfg` at `cfg.shards.output`; its manifest.
 
     `strict`: an undecodable or empty input is an error (UserError) instead of a skipped input.
+    `overwrite`: a dataset made there with other settings is moved aside (else: UserError).
     """
     shards_cfg = cfg.shards
     output, storage_options = shards_cfg.output, shards_cfg.storage_options
@@ -219,6 +221,7 @@ def prepare_text(cfg: PrepareConfig, progress: bool = True, strict: bool = False
         log.warning("one shard only: no val split (lower shards.source_bytes_per_shard to get one)")
     log.info("%d documents, %.1f MB, in %d groups", len(documents), sum(d.num_bytes for d in documents) / 1e6, len(groups))
 
+    claim_output(output, storage_options, created_by(cfg, PROGRAM), overwrite)
     start = time.perf_counter()
     tokenizer, provenance = ensure_tokenizer(
         cfg.tokenizer, iter_texts(documents, cfg.source.storage_options), corpus_fingerprint(documents), output, storage_options,

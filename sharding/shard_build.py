@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from launch.config import RayConfig
-from launch.errors import UserError
+from launch.errors import UserError, os_error_line
 from sharding import storage
 from sharding.manifest import FORMAT_VERSION, Manifest, SkippedInput
 from sharding.shards import read_shard
@@ -239,12 +239,30 @@ def build_missing_shards(
         init_ray(ray_cfg)  # before the clock starts: throughput counts building, not Ray's start
         start = time.perf_counter()
         by_shard = {spec.shard: spec.index for spec in to_build}
-        for sidecar in build_on_ray([asdict(spec) for spec in to_build], make_build(len(to_build)), ray_cfg,
-                                    progress=progress, desc=desc):
-            sidecars[by_shard[sidecar["shard"]]] = sidecar
-            built.append(sidecar)
+        try:
+            for sidecar in build_on_ray([asdict(spec) for spec in to_build], make_build(len(to_build)), ray_cfg,
+                                        progress=progress, desc=desc):
+                sidecars[by_shard[sidecar["shard"]]] = sidecar
+                built.append(sidecar)
+        except Exception as error:  # a worker's OSError arrives wrapped in Ray's exceptions
+            cause = _os_error_in(error)
+            if cause is None:
+                raise
+            raise UserError(f"{os_error_line(cause)}: building shards in {output} stopped; the {len(sidecars)} complete "
+                            "shards are kept and a re-run builds the rest") from None
         seconds = time.perf_counter() - start
     return sidecars, built, seconds
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError a Ray task raised, found through the exceptions Ray and Ray Data wrap it in."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
 
 
 # ------------------------------------------------------------------ finishing
@@ -278,6 +296,39 @@ class BuildReport:
         seconds = max(self.build_seconds, 1e-9)
         return line + (f"built {self.num_built_shards} shards in {self.build_seconds:.1f} s "
                        f"({self.num_built_samples / seconds:.1f} {self.unit}/s, {self.num_built_bytes / 1e6 / seconds:.2f} MB/s)")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def claim_output(output: str, storage_options: dict[str, Any] | None, made_from: dict[str, Any], overwrite: bool,
+                 identity: Callable[[Manifest], dict[str, Any]] = lambda manifest: manifest.created_by) -> None:
+    """A build never replaces a complete dataset made from other settings: when `output` holds a manifest
+    whose identity (its `created_by`, by default) differs from `made_from`, this is a UserError naming the
+    differences; with `overwrite` that dataset is moved aside to OUTPUT.old-N first, never deleted. The
+    same settings (a re-run, new or changed input files) build on what is there."""
+    from sharding.manifest import manifest_url
+
+    if not storage.exists(manifest_url(output), storage_options):
+        return
+    try:
+        before = _flat(identity(Manifest.read(output, storage_options)))
+        now = _flat(made_from)
+        differences = [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+                       if before.get(key) != now.get(key)]
+    except UserError:
+        differences = ["its manifest is unreadable"]
+    if not differences:
+        return
+    if not overwrite:
+        raise UserError(f"{output} holds a dataset made with other settings ({'; '.join(differences[:3])}"
+                        f"{'; ...' if len(differences) > 3 else ''}): choose another output, or pass --overwrite to move "
+                        "it aside (nothing is deleted)")
+    moved = storage.move_aside(output, storage_options)
+    log.warning("--overwrite: moved the dataset that was in %s to %s", output, moved)
 
 
 def created_by(cfg: Any, program: str, how_it_ran: tuple[str, ...] = ("ray", "launch")) -> dict[str, Any]:

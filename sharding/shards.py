@@ -7,7 +7,9 @@ One function writes shards (the pretokenize pipeline and the tests use it) and o
 - a sample is the tar members `{key}.{field}` sharing a `__key__` (WebDataset grouping: the key
   is the member name up to its first dot, so keys hold no dots);
 - arrays are stored as `.npy` members; tar mtimes are fixed, so the same samples give the
-  same bytes and the same sha256 on every run.
+  same bytes and the same sha256 on every run;
+- a sample that does not decode, or whose arrays differ from the manifest's fields (dtype,
+  shape), raises `CorruptSample` naming its key and field.
 """
 
 from __future__ import annotations
@@ -152,11 +154,58 @@ def decode_field(field: str, value: memoryview) -> Any:
     return bytes(value)
 
 
-def decode_sample(key: str, fields: dict[str, memoryview]) -> dict[str, Any]:
-    """`{"__key__": key, "tokens": array, ...}`: field names lose their extension."""
+class CorruptSample(ValueError):
+    """A sample that does not decode, or does not match the manifest's fields: names the key and the field."""
+
+    def __init__(self, key: str, field: str, reason: str):
+        super().__init__(f"sample {key}, field {field}: {reason}")
+        self.key, self.field, self.reason = key, field, reason
+
+
+# member name -> (dtype, shape with None for any size): the checkable part of a manifest's "fields"
+FieldSpecs = dict[str, tuple[np.dtype, tuple[int | None, ...]]]
+
+
+def field_specs(fields: dict[str, dict[str, Any]]) -> FieldSpecs:
+    """The dtype and shape of every `.npy` field a manifest records (a shape dim of None matches any size)."""
+    return {name: (np.dtype(spec["dtype"]), tuple(spec["shape"])) for name, spec in fields.items()
+            if name.endswith(".npy") and "dtype" in spec and "shape" in spec}
+
+
+def _layout_problem(value: Any, dtype: np.dtype, shape: tuple[int | None, ...]) -> str | None:
+    if not isinstance(value, np.ndarray):
+        return f"is {type(value).__name__}, the manifest records an array"
+    if value.dtype == dtype and (value.shape == shape or (len(value.shape) == len(shape) and all(
+            want is None or want == got for got, want in zip(value.shape, shape)))):
+        return None
+    recorded = [None if d is None else int(d) for d in shape]
+    return f"is {value.dtype}{list(value.shape)}, the manifest records {dtype}{recorded}"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def decode_sample(key: str, fields: dict[str, memoryview], expected: FieldSpecs | None = None) -> dict[str, Any]:
+    """`{"__key__": key, "tokens": array, ...}`: field names lose their extension.
+
+    A member that does not decode, or (with `expected`, see `field_specs`) an array field that is
+    missing or of another dtype or shape, raises CorruptSample naming the key and the field.
+    """
     sample: dict[str, Any] = {"__key__": key}
     for field, value in fields.items():
-        sample[field.rsplit(".", 1)[0]] = decode_field(field, value)
+        try:
+            sample[field.rsplit(".", 1)[0]] = decode_field(field, value)
+        except Exception as error:  # the bytes are untrusted: any decoder failure is a damaged sample
+            raise CorruptSample(key, field, f"does not decode ({_one_line(error)})") from None
+    if expected is not None:
+        for field, (dtype, shape) in expected.items():
+            name = field.rsplit(".", 1)[0]
+            if name not in sample:
+                raise CorruptSample(key, field, "missing from the sample")
+            problem = _layout_problem(sample[name], dtype, shape)
+            if problem is not None:
+                raise CorruptSample(key, field, problem)
     return sample
 
 

@@ -205,9 +205,11 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as error:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            if isinstance(error, OSError) and not error.filename:  # a full disk names no file: name it
+                raise OSError(error.errno, error.strerror, path) from None
             raise
         _fsync_dir(directory)
         return
@@ -228,3 +230,17 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
 
 def write_text_atomic(url: str, text: str, storage_options: dict[str, Any] | None = None) -> None:
     write_bytes_atomic(url, text.encode("utf-8"), storage_options)
+
+
+def move_aside(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Move the folder (prefix) at `url` to the first free `URL.old-N` next to it; returns the new URL."""
+    fs, path = filesystem(url, storage_options)
+    base = url.rstrip("/")
+    for number in range(1, 10_000):
+        target_url = f"{base}.old-{number}"
+        target = filesystem(target_url, storage_options)[1]
+        if not fs.exists(target):
+            with _remote_errors(url):
+                fs.mv(path.rstrip("/"), target, recursive=True)
+            return target_url
+    raise UserError(f"{url}: 9999 older copies sit next to it already; remove some")

@@ -51,6 +51,7 @@ from sharding.shard_build import (
     BuildReport,
     build_id,
     build_missing_shards,
+    claim_output,
     check_shard_name,
     created_by,
     finish_manifest,
@@ -311,10 +312,11 @@ class TokenIdsReport(BuildReport):
                 f"{num_bytes / 1e6:.1f} MB, {len(manifest.skipped)} inputs skipped")
 
 
-def prepare_token_ids(cfg: PrepareConfig, progress: bool = True, strict: bool = False) -> TokenIdsReport:
+def prepare_token_ids(cfg: PrepareConfig, progress: bool = True, strict: bool = False, overwrite: bool = False) -> TokenIdsReport:
     """Build (or complete) the token-id dataset of `cfg` at `cfg.shards.output`.
 
     `strict`: a file shorter than one sample is an error (UserError) instead of a skipped input.
+    `overwrite`: a dataset made there with other settings is moved aside (else: UserError).
     """
     shards_cfg, options = cfg.shards, cfg.token_ids
     output, storage_options = shards_cfg.output, shards_cfg.storage_options
@@ -337,6 +339,7 @@ def prepare_token_ids(cfg: PrepareConfig, progress: bool = True, strict: bool = 
     log.info("%d token files, %d ids, vocab %d (%s)", len(files), sum(s.num_ids for s in scanned), vocab_size,
              "given" if options.vocab_size else "largest id + 1")
 
+    claim_output(output, storage_options, created_by(cfg, PROGRAM), overwrite)
     specs = _shard_specs(cfg, usable, dtype)
     build = functools.partial(build_token_shard, storage_options=storage_options, source_options=cfg.source.storage_options)
     sidecars, built, build_seconds = build_missing_shards(specs, lambda _: build, cfg.ray, output=output, name=shards_cfg.name,

@@ -269,8 +269,8 @@ def test_cli_refuses_bad_input_with_one_line(gpt_run, flat_rvq_run, grid_dataset
                                  tokenizer=tokenizer, num_train=1, num_val=1)
     assert "codes (channel 2, time 6, level 3) of vocabulary 16" in error_of(["eval", flat_rvq_run, "--data", smaller], capsys)
     assert "has no 'test' shards" in error_of(["eval", run, "--data", dataset, "--split", "test"], capsys)
-    assert "--num-batches and --batch-size must be >= 1" in error_of(["eval", run, "--data", dataset, "--num-batches", "0"], capsys)
-    assert "--num-batches and --batch-size must be >= 1" in error_of(["eval", run, "--data", dataset, "--batch-size", "0"], capsys)
+    assert "--num-batches: must be an integer >= 1" in error_of(["eval", run, "--data", dataset, "--num-batches", "0"], capsys)
+    assert "--batch-size: must be an integer >= 1" in error_of(["eval", run, "--data", dataset, "--batch-size", "0"], capsys)
     assert "checkpoint not found" in error_of(["eval", str(tmp_path / "nope"), "--data", dataset], capsys)
 
 

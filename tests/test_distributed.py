@@ -321,9 +321,9 @@ def test_killed_rank_fails_fast_and_resume_continues(tmp_path, token_dataset):
 
 
 @pytest.mark.parametrize("engine, setting, message", [
-    ({"kind": "deepspeed", "precision": "fp16"}, {}, "fp16 needs a CUDA device"),
+    ({"kind": "deepspeed", "precision": "fp16"}, {}, "engine.precision fp16 needs a GPU (CUDA)"),
     ({"kind": "deepspeed", "deepspeed_config": "/nonexistent/zero9.json"}, {}, "no such file: /nonexistent/zero9.json"),
-    ({"kind": "accelerate", "strategy": "ddp", "precision": "fp16"}, {}, "fp16 under accelerate needs a CUDA device"),
+    ({"kind": "accelerate", "strategy": "ddp", "precision": "fp16"}, {}, "engine.precision fp16 needs a GPU (CUDA)"),
 ])
 def test_bad_engine_settings_exit_2(tmp_path, token_dataset, engine, setting, message):
     config = write_config(tmp_path, token_dataset, "bad", engine, micro=4)

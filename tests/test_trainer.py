@@ -140,20 +140,50 @@ def test_grad_accumulation_matches_bigger_batch(tmp_path, text_dataset):
     assert consumed_keys(tmp_path / "big") == consumed_keys(tmp_path / "accum")
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains(tmp_path, text_dataset, precision):
-    config = write_config(tmp_path, text_dataset, precision, engine={"precision": precision},
+def test_bf16_trains_and_resumes(tmp_path, text_dataset):
+    config = write_config(tmp_path, text_dataset, "bf16", engine={"precision": "bf16"},
                           model={"name": "gpt", "flavor": "debug", "args": {"n_layer": 1, "n_embd": 32}},
                           optim={"micro_batch_size": 2})
     train(config, "--set", "run.max_steps=4", "--set", "eval.every_steps=0", "--set", "checkpoint.every_steps=2")
-    run_dir = tmp_path / precision
+    run_dir = tmp_path / "bf16"
     values = losses(run_dir)
     assert len(values) == 4 and all(0 < v < 20 for v in values.values())
-    if precision == "fp16":
-        optimizer_state = __import__("torch").load(run_dir / "checkpoints" / "step-00000004" / "optimizer.pt")
-        assert optimizer_state["scaler"]["scale"] > 0  # the grad scaler is part of the checkpoint
     train(config, "--set", "run.max_steps=5", "--set", "eval.every_steps=0", "--resume", "auto")
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
+
+
+def test_fp16_is_refused_on_cpu(tmp_path, text_dataset):
+    config = write_config(tmp_path, text_dataset, "fp16", engine={"precision": "fp16"})
+    result = train(config, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "tokfleet: error: engine.precision fp16 needs a GPU (CUDA); on CPU use bf16 or fp32"
+    assert not (tmp_path / "fp16").exists()  # refused before the run dir is made
+
+
+def test_fp16_grad_scaler_is_checkpointed(tmp_path):
+    """The single engine's fp16 path (GPU runs) on its own: loss scaling steps, and the scaler's state
+    is saved and loaded with the optimizer's."""
+    import torch
+
+    from launch.config import EngineConfig, OptimConfig
+    from modeling.registry import build_model
+    from trainer.engines.single import SingleDeviceEngine
+
+    def engine():
+        torch.manual_seed(0)
+        model = build_model("gpt", "debug", {"n_layer": 1, "n_embd": 32, "vocab_size": 64, "sequence_len": 16}, device="cpu")
+        return SingleDeviceEngine(model, OptimConfig(lr=1e-3, warmup_steps=0), EngineConfig(precision="fp16"), 4, torch.device("cpu"))
+
+    first = engine()
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    loss = first.forward_backward({"idx": tokens[:, :-1], "targets": tokens[:, 1:]}, 1.0)
+    first.optimizer_step()
+    assert torch.isfinite(loss) and first.scaler is not None and first.scaler.get_scale() > 0
+    first.save_checkpoint(tmp_path)
+    assert torch.load(tmp_path / "optimizer.pt")["scaler"]["scale"] == first.scaler.get_scale()
+    second = engine()
+    second.load_checkpoint(tmp_path)
+    assert second.scaler.get_scale() == first.scaler.get_scale()
 
 
 def test_wandb_offline_run(tmp_path, text_dataset):

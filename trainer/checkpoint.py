@@ -14,14 +14,17 @@ state (which holds every rank's loader and RNG state), the marker, the rename an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from launch.errors import UserError
+from launch.errors import UserError, disk_fault
 from trainer import distributed
+
+log = logging.getLogger("tokfleet.trainer")
 
 STATE_FILE = "trainer_state.json"
 COMPLETE_MARKER = "COMPLETE"
@@ -61,16 +64,70 @@ def is_complete(directory: Path) -> bool:
 
 
 def read_trainer_state(directory: Path) -> dict[str, Any]:
+    """A complete checkpoint's trainer state; a UserError saying what `directory` is when it is not one."""
     directory = Path(directory)
-    if not directory.is_dir():
+    if not directory.exists():
         raise UserError(f"checkpoint not found: {directory}")
+    expected = f"a checkpoint is a step-NNNNNNNN folder holding {STATE_FILE} and {COMPLETE_MARKER}, or give its run dir"
+    if not directory.is_dir():
+        raise UserError(f"{directory} is a file, not a checkpoint: {expected}")
     if not is_complete(directory):
-        raise UserError(f"checkpoint {directory} is incomplete (no {COMPLETE_MARKER} marker): it was never finished")
+        if (directory / COMPLETE_MARKER).is_file():
+            raise UserError(f"checkpoint {directory} is damaged: its {COMPLETE_MARKER} marker is there but {STATE_FILE} is missing")
+        if (directory / STATE_FILE).is_file() or _STEP_DIR.match(directory.name) or directory.name.startswith(".step-"):
+            raise UserError(f"checkpoint {directory} is incomplete (no {COMPLETE_MARKER} marker): it was never finished")
+        if (directory / "manifest.json").is_file():
+            raise UserError(f"{directory} is a dataset root (it holds manifest.json), not a checkpoint: {expected}")
+        if any((directory / name).exists() for name in ("checkpoints", "config.yaml", "metrics.jsonl")):
+            raise UserError(f"{directory} is a run dir without a complete checkpoint (nothing to load in checkpoints/)")
+        what = "an empty folder" if not any(directory.iterdir()) else f"a folder without {STATE_FILE}"
+        raise UserError(f"{directory} is {what}, not a checkpoint: {expected}")
     path = directory / STATE_FILE
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"checkpoint file {path} is unreadable or corrupt: {error}") from None
+
+
+def verify_checkpoint(directory: Path) -> list[str]:
+    """What is wrong with a complete checkpoint's files ([] when nothing): every file its COMPLETE marker
+    lists is there with the size it was written with (so every rank's engine shard), trainer_state.json
+    parses, and every safetensors file's header reads."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    problems = []
+    try:
+        marker = json.loads((directory / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError) as error:
+        return [f"{COMPLETE_MARKER} unreadable: {str(error).splitlines()[0]}"]
+    for name, size in (marker.get("files") or {}).items() if isinstance(marker, dict) else ():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} holds {path.stat().st_size} bytes, {size} were written")
+    try:
+        json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        problems.append(f"{STATE_FILE} is not readable JSON")
+    for path in sorted(directory.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
+        except Exception as error:  # noqa: BLE001 - any reader failure: the file is damaged
+            problems.append(f"{path.relative_to(directory)} is not a readable safetensors file ({str(error).splitlines()[0][:80]})")
+    return problems
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to the first free `PATH.old-N` (N = 1, 2, ...) next to it; nothing is deleted."""
+    for number in range(1, 10_000):
+        target = path.with_name(f"{path.name}.old-{number}")
+        if not target.exists():
+            path.rename(target)
+            return target
+    raise UserError(f"{path}: 9999 older copies sit next to it already; remove some")
 
 
 class CheckpointManager:
@@ -85,16 +142,26 @@ class CheckpointManager:
         found = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and is_complete(p)]
         return sorted(found, key=lambda p: p.name)
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint: `latest` when it names one, else a scan."""
-        pointer = self.root / LATEST_FILE
-        if pointer.is_file():
-            candidate = self.root / pointer.read_text().strip()
-            if is_complete(candidate):
-                newer = [p for p in self.complete_checkpoints() if p.name > candidate.name]
-                return newer[-1] if newer else candidate
-        complete = self.complete_checkpoints()
-        return complete[-1] if complete else None
+    def latest(self, verify: bool = True) -> Path | None:
+        """The newest complete checkpoint whose files check out (`verify_checkpoint`); a newer one that
+        fails the checks (a torn copy, a damaged disk) is passed over with one warning line. (`latest`
+        names the newest for people and scripts; a scan decides, so a stale pointer cannot mislead.)"""
+        for candidate in reversed(self.complete_checkpoints()):
+            problems = verify_checkpoint(candidate) if verify else []
+            if not problems:
+                return candidate
+            log.warning("checkpoint %s fails its checks (%s): passing over it", candidate, problems[0])
+        return None
+
+    def remove_leftovers(self) -> None:
+        """Temporary files of saves that were killed or failed (rank 0, before a run writes any)."""
+        if not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            if path.name.startswith(".step-"):
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.name.startswith(f".{LATEST_FILE}.tmp-"):
+                path.unlink(missing_ok=True)
 
     def save(self, step: int, write_files: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
         """Write a checkpoint for `step` atomically and return its folder.
@@ -105,6 +172,24 @@ class CheckpointManager:
         is_main = distributed.rank() == 0
         final = self.root / step_dir_name(step)
         tmp = self.root / f".{final.name}.tmp-{distributed.broadcast_object(os.getpid())}"  # rank 0's pid names it
+        try:
+            self._write(step, final, tmp, write_files, trainer_state, is_main)
+        except KeyboardInterrupt:  # a second Ctrl-C: drop the partial checkpoint, keep the previous one
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as a RuntimeError
+            fault = disk_fault(error, str(self.root))
+            if fault is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            intact = self.latest()
+            raise UserError(f"{fault} writing checkpoint step {step} in {self.root}; "
+                            + (f"{intact.name} is intact" if intact else "no earlier checkpoint to keep")) from None
+        distributed.barrier()  # no rank goes on before the checkpoint is in place
+        return final
+
+    def _write(self, step: int, final: Path, tmp: Path, write_files: Callable[[Path], None], trainer_state: dict[str, Any],
+               is_main: bool) -> None:
         if is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -124,27 +209,55 @@ class CheckpointManager:
             tmp.rename(final)
             _write_atomic(self.root / LATEST_FILE, final.name + "\n")
             self._prune()
-        distributed.barrier()  # no rank goes on before the checkpoint is in place
-        return final
 
     def _prune(self) -> None:
         for path in self.complete_checkpoints()[: -self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
-        for path in self.root.iterdir():  # leftovers of crashed saves (ours was renamed)
-            if path.name.startswith(".step-"):
-                shutil.rmtree(path, ignore_errors=True)
+        self.remove_leftovers()  # of crashed saves (ours was renamed)
+
+    def claim(self, resume: str | None, overwrite: bool) -> Path | None:
+        """Make sure a run that starts fresh (no --resume) writes over nothing: a run dir that already
+        holds complete checkpoints is a UserError offering the ways on, or with `overwrite` is moved
+        aside to RUN_DIR.old-N (by rank 0, never deleted). Collective. Returns where the old run went."""
+        if resume and overwrite:
+            raise UserError("--overwrite starts a new run in place of the old one; it does not go with --resume")
+        complete = self.complete_checkpoints()  # every rank looks before any rank moves anything
+        run_dir = self.root.parent
+        if resume or not complete:
+            return None
+        if not overwrite:
+            raise UserError(f"run.output_dir {run_dir} already holds a run (checkpoints up to step "
+                            f"{int(_STEP_DIR.match(complete[-1].name).group(1))}): continue it with --resume auto, "
+                            "choose another run.output_dir, or pass --overwrite to move it aside (nothing is deleted)")
+        distributed.barrier()
+        moved = move_aside(run_dir) if distributed.rank() == 0 else None
+        distributed.barrier()
+        return distributed.broadcast_object(moved)
 
     def resolve(self, resume: str | None) -> Path | None:
         """`--resume auto|PATH` -> a complete checkpoint folder (None: start fresh)."""
         if not resume:
             return None
         if resume == "auto":
-            return self.latest()
+            latest = self.latest()
+            complete = self.complete_checkpoints()
+            if latest is None and complete:  # not a fresh start over damaged checkpoints: say so
+                raise UserError(f"--resume auto: every checkpoint in {self.root} fails its checks (newest {complete[-1].name}: "
+                                f"{verify_checkpoint(complete[-1])[0]}); see `tokfleet inspect`")
+            return latest
         path = Path(resume)
         if path.is_dir() and not _STEP_DIR.match(path.name) and (path / "checkpoints").is_dir():
             latest = CheckpointManager(path, self.keep_last).latest()  # a run dir was given
             if latest is None:
-                raise UserError(f"--resume {resume}: run directory has no complete checkpoint")
+                found = sorted(p.name for p in (path / "checkpoints").iterdir() if _STEP_DIR.match(p.name))
+                holds = f"only incomplete or damaged ones: {', '.join(found[-3:])}" if found else "none"
+                raise UserError(f"--resume {resume}: run directory has no complete checkpoint (checkpoints/ holds {holds})")
             return latest
-        read_trainer_state(path)  # raises a clear error for missing/incomplete/corrupt
+        try:
+            read_trainer_state(path)  # says what the path is when it is no complete checkpoint
+        except UserError as error:
+            raise UserError(f"--resume: {error}") from None
+        problems = verify_checkpoint(path)
+        if problems:
+            raise UserError(f"--resume {resume}: the checkpoint fails its checks ({problems[0]}); see `tokfleet inspect`")
         return path

@@ -3,6 +3,11 @@
 The shard loader yields one epoch of samples; this wraps it into an endless stream of
 micro-batches, rolls over to the next epoch, turns samples into the model's inputs for
 its task, and (optionally) records every consumed sample key for auditing.
+
+It also keeps the model from seeing bad data: a batch's token ids are checked against the
+model's vocabulary (one min/max per batch; the offending sample is looked for only when a
+batch fails), and with `data.on_corrupt: skip` what the loader or this check skipped is counted
+(`num_skipped()`, checkpointed with the loader state) and listed in `logs/skipped-rank{r}.jsonl`.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from launch.config import DataConfig
 from launch.errors import UserError
 from torch.utils.data import DataLoader
 
-from sharding.loader import ShardIterableDataset, ShardLoader
+from sharding.loader import SKIPPED, ShardIterableDataset, ShardLoader, log_skip
 from sharding.manifest import Manifest
+from trainer import distributed
 
 
 MAX_EMPTY_EPOCHS = 8  # more than any resumed state can skip (ranks drift apart by at most an epoch or two)
@@ -92,6 +98,33 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return fields
 
 
+def out_of_vocabulary(tokens: torch.Tensor, vocab_size: int) -> list[tuple[int, int]]:
+    """(row, first bad id) of each sample of `tokens` (B, ...) holding an id outside [0, vocab_size); [] if none.
+
+    One min/max over the batch; the rows are looked for only when it fails."""
+    low, high = torch.aminmax(tokens)
+    if low >= 0 and high < vocab_size:
+        return []
+    is_bad = (tokens < 0) | (tokens >= vocab_size)
+    return [(row, int(tokens[row][is_bad[row]][0])) for row in is_bad.flatten(1).any(1).nonzero().flatten().tolist()]
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop the records of steps after `max_step` (a run that did not checkpoint them wrote them)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip() and (json.loads(line).get("step") or 0) <= max_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _worker_message(error: UserError) -> str:
+    """The UserError a DataLoader worker raised: the DataLoader re-raises it with the worker's traceback
+    in front ("Caught UserError in DataLoader worker process 0. Original Traceback ... UserError: MESSAGE")."""
+    text = str(error).strip()
+    if not text.startswith("Caught "):
+        return text
+    return text.splitlines()[-1].split(f"{UserError.__name__}: ", 1)[-1]
+
+
 def _keep_numpy(sample: dict[str, Any]) -> dict[str, Any]:
     return sample  # DataLoader would turn arrays into tensors one by one; we stack a batch at once
 
@@ -102,17 +135,26 @@ class Batches:
     With `cfg.num_workers > 0` the shards are read by DataLoader worker processes; each sample
     carries its stream position and the main process keeps the authoritative loader state, so
     prefetched but unconsumed samples are never counted as seen.
+
+    `vocab_size` (the model's): a sample holding a token id outside [0, vocab_size) is an error
+    naming its shard and key, or (cfg.on_corrupt "skip") skipped like a corrupt sample: counted,
+    listed in `skip_log`, and replaced by the next sample (it counts as consumed).
     """
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, split: str, *, batch_size: int,
                  rank: int, world_size: int, seed: int, shuffle: bool, key_log: Path | None = None,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, vocab_size: int | None = None, skip_log: Path | None = None):
         if not split_has_samples(manifest, split):
             raise UserError(f"data.dataset {cfg.dataset}: split '{split}' has no samples")
         self.batch_size = batch_size
         self.num_workers = cfg.num_workers if num_workers is None else num_workers
+        self.dataset_url, self.on_corrupt, self.vocab_size = cfg.dataset, cfg.on_corrupt, vocab_size
+        self.rank, self.world_size = rank, world_size
+        self.skip_log = skip_log
+        self.num_skipped_shards, self.num_skipped_samples = 0, 0  # this rank's, since the run began (checkpointed)
+        self._is_resumed = False  # the skip log may hold lines of steps after the checkpoint
         common = dict(rank=rank, world_size=world_size, num_streams=cfg.num_streams, seed=seed, shuffle=shuffle,
-                      storage_options=cfg.storage_options)
+                      storage_options=cfg.storage_options, verify=cfg.verify, on_corrupt=cfg.on_corrupt)
         if self.num_workers > 0:
             self.dataset = ShardIterableDataset(manifest, cfg.dataset, split, num_workers=self.num_workers, **common)
             self.tracker = self.dataset.new_state()
@@ -124,7 +166,7 @@ class Batches:
 
     def _start_iterator(self) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:
-            return iter(self.loader)
+            return (item for _, _, item in self.loader.iter_with_positions())
         self.tracker = self.dataset.new_state()
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_numpy,
                             prefetch_factor=2 * self.batch_size)
@@ -135,49 +177,134 @@ class Batches:
         (self.dataset if self.num_workers else self.loader).set_epoch(epoch)
         self._iterator = None
 
-    def _next_sample(self) -> dict[str, Any]:
+    def _next_item(self) -> dict[str, Any] | None:
+        try:
+            return next(self._iterator, None)
+        except UserError as error:
+            if not self.num_workers:
+                raise
+            raise UserError(_worker_message(error)) from None
+
+    def _next_sample(self, step: int | None) -> dict[str, Any]:
         if self._iterator is None:
             self._iterator = self._start_iterator()
         # A resumed state may hold this rank's streams in a later epoch (they were read to the end
         # of this one): such epochs yield nothing here, so move on. A fresh epoch that yields
-        # nothing means the rank has no data at all.
-        for _ in range(MAX_EMPTY_EPOCHS):
-            sample = next(self._iterator, None)
-            if sample is not None:
-                break
-            self._set_epoch(self.epoch + 1)
-            self._iterator = self._start_iterator()
+        # nothing means the rank has no data at all (or, with on_corrupt skip, none that is sound).
+        num_empty_epochs, num_skipped = 0, 0
+        while True:
+            item = self._next_item()
+            if item is None:
+                num_empty_epochs += 1
+                if num_empty_epochs == MAX_EMPTY_EPOCHS:
+                    break
+                self._set_epoch(self.epoch + 1)
+                self._iterator = self._start_iterator()
+                continue
+            if self.num_workers:
+                self.tracker.update(item["__stream__"], item["__position__"])
+            if SKIPPED not in item:
+                return item
+            self._skipped(item[SKIPPED], step)
+            num_skipped += 1
+        if num_skipped:
+            raise UserError(f"{self.dataset_url}: every shard and sample of this rank's part of the dataset was skipped as "
+                            f"corrupt (data.on_corrupt: skip), see {self.skip_log or 'the log'}")
+        raise UserError("this rank's part of the dataset is empty: fewer shards than ranks x data workers "
+                        "(write more, smaller shards, or use fewer ranks)")
+
+    def _skipped(self, report: dict[str, Any], step: int | None) -> None:
+        """Count a skipped shard (report["key"] None) or sample, and list it in the skip log."""
+        if report["key"] is None:
+            self.num_skipped_shards += 1
         else:
-            raise UserError("this rank's part of the dataset is empty: fewer shards than ranks x data workers "
-                            "(write more, smaller shards, or use fewer ranks)")
-        if self.num_workers:
-            self.tracker.update(sample["__stream__"], sample["__position__"])
-        return sample
+            self.num_skipped_samples += 1
+        log_skip(report, self.dataset_url)
+        if self.skip_log is not None:
+            with open(self.skip_log, "a") as handle:
+                handle.write(json.dumps({**report, "step": step, "epoch": self.epoch}) + "\n")
+
+    def _drop_out_of_vocabulary(self, samples: list[dict[str, Any]], fields: dict[str, torch.Tensor],
+                                step: int | None) -> list[int]:
+        """Rows of `samples` holding token ids the model has no embedding for (skipped), [] if none;
+        under on_corrupt "error", a UserError naming the first one's shard, key and id."""
+        if self.vocab_size is None or "tokens" not in fields:
+            return []
+        bad = out_of_vocabulary(fields["tokens"], self.vocab_size)
+        for row, token_id in bad:
+            sample = samples[row]
+            reason = f"token id {token_id} outside the model's vocabulary [0, {self.vocab_size})"
+            if self.on_corrupt == "error":
+                raise UserError(f"shard {sample.get('__shard__')} of {self.dataset_url}: sample {sample['__key__']}, field tokens: "
+                                f"{reason}; rebuild the dataset with `tokfleet prepare`, or set data.on_corrupt: skip to train without it")
+            self._skipped({"shard": sample.get("__shard__"), "key": sample["__key__"], "reason": f"field tokens: {reason}"}, step)
+        return [row for row, _ in bad]
+
+    def _forget_steps_from(self, step: int | None) -> None:
+        """After a resume: drop skip-log lines of steps from `step` on (written by a run that did not checkpoint them)."""
+        if not self._is_resumed or step is None or self.skip_log is None:
+            return
+        self._is_resumed = False
+        stale = [self.skip_log]
+        if self.rank == 0:  # ranks that no longer exist (resumed on fewer)
+            stale += [p for p in self.skip_log.parent.glob("skipped-rank*.jsonl") if int(p.stem.rsplit("rank", 1)[1]) >= self.world_size]
+        for path in stale:
+            _truncate_jsonl(path, step - 1)
 
     def next_batch(self, step: int | None = None) -> dict[str, torch.Tensor]:
         """The micro-batch's array fields stacked, e.g. {"tokens": (B, T+1) int64}."""
+        self._forget_steps_from(step)
         samples, epochs = [], []
-        for _ in range(self.batch_size):
-            samples.append(self._next_sample())
-            epochs.append(self.epoch)  # a batch may straddle the end of an epoch
+        while True:
+            while len(samples) < self.batch_size:
+                samples.append(self._next_sample(step))
+                epochs.append(self.epoch)  # a batch may straddle the end of an epoch
+            fields = collate(samples)
+            bad = self._drop_out_of_vocabulary(samples, fields, step)
+            if not bad:
+                break
+            samples = [s for row, s in enumerate(samples) if row not in bad]
+            epochs = [e for row, e in enumerate(epochs) if row not in bad]
         if self.key_log is not None:
             with open(self.key_log, "a") as handle:
                 for epoch in sorted(set(epochs)):
                     keys = [s["__key__"] for s, e in zip(samples, epochs) if e == epoch]
                     handle.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
-        return collate(samples)
+        return fields
 
     def take(self, num_batches: int) -> list[dict[str, torch.Tensor]]:
         """The first `num_batches` full batches of a pass, read in-process (validation: the same set every time)."""
         assert self.num_workers == 0, "take() reads in the main process"
-        samples = list(itertools.islice(iter(self.loader), num_batches * self.batch_size))
+        samples, reader, wanted = [], iter(self.loader), num_batches * self.batch_size
+        while len(samples) < wanted:
+            chunk = list(itertools.islice(reader, wanted - len(samples)))
+            if not chunk:
+                break
+            bad = self._drop_out_of_vocabulary(chunk, collate(chunk), None)
+            samples += [s for row, s in enumerate(chunk) if row not in bad]
         size = self.batch_size
         return [collate(samples[i:i + size]) for i in range(0, len(samples) - size + 1, size)]
 
+    def num_skipped(self) -> dict[str, int]:
+        """{"skipped_shards", "skipped_samples"}: what every rank skipped since the run began (a collective
+        under on_corrupt skip: every rank calls it)."""
+        counts = [self.num_skipped_shards, self.num_skipped_samples]
+        if self.on_corrupt == "skip":
+            total = distributed.all_reduce_mean(torch.tensor(counts, dtype=torch.float64)) * distributed.world_size()
+            counts = [int(round(value)) for value in total.tolist()]
+        return {"skipped_shards": counts[0], "skipped_samples": counts[1]}
+
     def state_dict(self) -> dict[str, Any]:
         loader_state = self.tracker.state_dict() if self.num_workers else self.loader.state_dict()
+        if self.num_skipped_shards or self.num_skipped_samples:  # with the positions: merge_states sums them
+            loader_state["skipped"] = {"shards": self.num_skipped_shards, "samples": self.num_skipped_samples}
         return {"epoch": self.epoch, "loader": loader_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state` (one rank's, or every rank's merged: then its skip counts are the total,
+        which rank 0 carries on so that the sum over ranks stays right)."""
         self._set_epoch(state["epoch"])
         (self.dataset if self.num_workers else self.loader).load_state_dict(state["loader"])
+        skipped = state["loader"].get("skipped", {}) if self.rank == 0 else {}
+        self.num_skipped_shards, self.num_skipped_samples = skipped.get("shards", 0), skipped.get("samples", 0)
+        self._is_resumed = True

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from launch.errors import UserError
+from launch.errors import UserError, disk_fault
 from modeling.registry import build_model
 from trainer.checkpoint import COMPLETE_MARKER, STATE_FILE, read_trainer_state
 from trainer.engines.single import MODEL_FILE, load_model_state
@@ -71,10 +71,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, tmp / MODEL_FILE)
-    tokenizer = tokenizer_folder(directory, state)
-    if tokenizer is not None:
-        shutil.copytree(tokenizer, tmp / "tokenizer")
+    try:
+        save_file(tensors, tmp / MODEL_FILE)
+        tokenizer = tokenizer_folder(directory, state)
+        if tokenizer is not None:
+            shutil.copytree(tokenizer, tmp / "tokenizer")
+    except Exception as error:  # safetensors and shutil report a full disk in their own ways
+        shutil.rmtree(tmp, ignore_errors=True)
+        fault = disk_fault(error, str(tmp.parent))
+        if fault is None:
+            raise
+        raise UserError(f"{fault} writing {out}: nothing was written; {directory} is intact") from None
     exported = {key: state.get(key) for key in ("step", "tokens", "samples", "model", "config", "token_grid")}
     exported.update({
         "format": "torch", "engine": "single", "world_size": 1,

@@ -18,12 +18,12 @@ from launch.config import TrainConfig, save_config
 from launch.errors import UserError
 from launch.redact import public_dict
 from modeling.registry import build_model, get_model_spec, model_config
-from trainer.checkpoint import CheckpointManager, read_trainer_state
+from trainer.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
 from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, split_has_samples
 from trainer import distributed
 from trainer.engines import build_engine, engine_device
 from trainer.host_memory import release_freed_memory, shards_parameters
-from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses
+from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses, read_metrics
 from trainer.preemption import PreemptionWatcher
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.token_tasks import RAW_KINDS, GridSource, GridTask, resolve_grid_args
@@ -82,15 +82,15 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     """Drop records of steps after `max_step`: they belong to a run that did not checkpoint them."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= max_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_metrics(path) if record.get("step", 0) <= max_step]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 class Trainer:
     """One rank's trainer. Under a launcher every rank builds one; collectives keep them in step,
     and rank 0 alone writes the run directory's shared files (config, metrics, plots, trainer state)."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = None):
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = None, overwrite: bool = False):
         self.cfg = cfg
         self.stop_at_step = stop_at_step
         self.dist_env = distributed.read_env()
@@ -99,9 +99,14 @@ class Trainer:
             distributed.init_process_group(self.dist_env, self.device, cfg.engine.timeout_s)
         self.is_main = self.dist_env.is_main
         self.run_dir = Path(cfg.run.output_dir)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
+        moved = self.checkpoints.claim(resume, overwrite)  # a fresh run never writes over another's checkpoints
+        if moved is not None:
+            log.info("--overwrite: moved the run that was in %s to %s", self.run_dir, moved)
         for sub in ("checkpoints", "plots", "logs"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
+        if self.is_main:
+            self.checkpoints.remove_leftovers()
         resume_from = self.checkpoints.resolve(resume)
 
         self.manifest = read_manifest(cfg.data)
@@ -132,13 +137,20 @@ class Trainer:
         self.train_batches = Batches(
             self.manifest, cfg.data, cfg.data.train_split, batch_size=cfg.optim.micro_batch_size,
             rank=self.engine.rank, world_size=self.engine.world_size, seed=cfg.run.seed,
-            shuffle=cfg.data.shuffle, key_log=key_log,
+            shuffle=cfg.data.shuffle, key_log=key_log, vocab_size=self.model_args.get("vocab_size"),
+            skip_log=self.run_dir / "logs" / f"skipped-rank{self.engine.rank}.jsonl",
         )
         if cfg.data.val_split and not split_has_samples(self.manifest, cfg.data.val_split):
             raise UserError(f"data.val_split '{cfg.data.val_split}': {cfg.data.dataset} has no '{cfg.data.val_split}' samples "
                             "(set data.val_split: '' to train without validation)")
         self.has_val = bool(cfg.data.val_split)
         self.step, self.tokens_seen, self.samples_seen = 0, 0, 0
+        # this rank's step losses since the last metrics record: a checkpoint keeps them, so a resumed
+        # run logs the same mean at the next logging step as the uninterrupted run
+        self.window_losses: list[torch.Tensor] = []
+        if resume_from is None and self.is_main:  # records of a run that never checkpointed: not this run's
+            for path in [self.run_dir / "metrics.jsonl", *(self.run_dir / "logs").glob("sample_keys-rank*.jsonl")]:
+                _truncate_jsonl(path, 0)
         if resume_from is not None:
             self._load(resume_from)
             # records after the checkpoint belong to a run that did not save them; rank 0 also
@@ -170,6 +182,7 @@ class Trainer:
             "data": {"manifest_id": self.manifest_id, "dataset": self.cfg.data.dataset,
                      "rank_states": distributed.all_gather_object(self.train_batches.state_dict())},
             "rng": distributed.all_gather_object(rng_state()),
+            "loss_window": distributed.all_gather_object([float(loss) for loss in self.window_losses]),
             "model": {"name": self.cfg.model.name, "flavor": self.cfg.model.flavor, "args": self.model_args},
             "token_grid": self.grid_source.describe() if self.grid_source is not None else None,
             "tokenizer": "tokenizer" if (self.run_dir / "tokenizer").is_dir() else None,
@@ -214,6 +227,12 @@ class Trainer:
             set_rng_state(state["rng"][self.engine.rank])
         else:
             seed_everything(self.cfg.run.seed + self.engine.rank)
+        windows = state.get("loss_window") or [[]]
+        # same ranks: each its own losses; other ranks: every rank the ranks' mean of each step, so the
+        # all-reduced mean of the next record is the same
+        window = windows[self.engine.rank] if saved_world == self.engine.world_size else \
+            [sum(losses) / len(losses) for losses in zip(*windows)]
+        self.window_losses = [torch.tensor(loss, device=self.device) for loss in window]
 
     def _copy_tokenizer(self) -> None:
         target = self.run_dir / "tokenizer"
@@ -231,7 +250,7 @@ class Trainer:
             return None
         val = Batches(self.manifest, self.cfg.data, self.cfg.data.val_split, batch_size=self.cfg.optim.micro_batch_size,
                       rank=self.engine.rank, world_size=self.engine.world_size, seed=self.cfg.run.seed, shuffle=False,
-                      num_workers=0)
+                      num_workers=0, vocab_size=self.model_args.get("vocab_size"))
         batches = val.take(self.cfg.eval.num_batches)
         # every rank must run the same number of forwards (ZeRO-3 gathers parameters in each)
         batches = batches[:distributed.all_reduce_min(len(batches))]
@@ -251,7 +270,9 @@ class Trainer:
     def _is_due(self, every: int) -> bool:
         return self.step == self.cfg.run.max_steps or (every > 0 and self.step % every == 0)
 
-    def train(self) -> dict[str, Any]:
+    def train(self, preemption: PreemptionWatcher | None = None) -> dict[str, Any]:
+        """Train to run.max_steps (or --stop-at-step, or a stop signal); `preemption`: a watcher installed
+        by the caller (`tokfleet train` installs one before anything loads), else one for this loop."""
         cfg = self.cfg
         is_main = self.is_main
         peak_flops = cfg.engine.peak_flops or measure_peak_flops(self.device)
@@ -261,61 +282,73 @@ class Trainer:
         last_stop = min(last_stop, cfg.run.max_steps)
         progress = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", unit="step",
                         disable=not (cfg.logging.progress and is_main), dynamic_ncols=True)
-        window_time, window_tokens, window_losses = 0.0, 0, []
+        window_time, window_tokens = 0.0, 0
         last_record: dict[str, Any] = {}
         last_checkpoint = None
-        preemption = PreemptionWatcher()  # SIGUSR1 (the cluster's warning): checkpoint after this step, stop
+        owns_watcher = preemption is None
+        if owns_watcher:  # SIGUSR1 (the cluster's warning), SIGINT: checkpoint after the step, stop
+            preemption = PreemptionWatcher(announce=is_main)
         is_preempted = False
-        while self.step < last_stop:
-            start = time.perf_counter()
-            lr = self.engine.lr
-            losses, step_tokens = [], 0
-            for _ in range(accum):
-                fields = self.train_batches.next_batch(self.step + 1)
-                batch = self.to_batch(fields, self.device)
-                step_tokens += self.count_positions(fields, batch) * self.engine.world_size  # every rank's micro-batch has this shape
-                losses.append(self.engine.forward_backward(batch, 1.0 / accum))
-            grad_norm = self.engine.optimizer_step()
-            window_losses.append(torch.stack(losses).mean())
-            self.step += 1
-            self.tokens_seen += step_tokens
-            self.samples_seen += cfg.optim.micro_batch_size * accum * self.engine.world_size
-            window_tokens += step_tokens
-            window_time += time.perf_counter() - start
-            progress.update(1)
+        if self.engine.world_size == 1 and preemption.is_interrupted:  # Ctrl-C during start-up: nothing new to save
+            last_stop = self.step
+        try:
+            while self.step < last_stop:
+                start = time.perf_counter()
+                lr = self.engine.lr
+                losses, step_tokens = [], 0
+                for _ in range(accum):
+                    fields = self.train_batches.next_batch(self.step + 1)
+                    batch = self.to_batch(fields, self.device)
+                    step_tokens += self.count_positions(fields, batch) * self.engine.world_size  # every rank's micro-batch has this shape
+                    losses.append(self.engine.forward_backward(batch, 1.0 / accum))
+                grad_norm = self.engine.optimizer_step()
+                self.window_losses.append(torch.stack(losses).mean())
+                self.step += 1
+                self.tokens_seen += step_tokens
+                self.samples_seen += cfg.optim.micro_batch_size * accum * self.engine.world_size
+                window_tokens += step_tokens
+                window_time += time.perf_counter() - start
+                progress.update(1)
 
-            is_eval = self._is_due(cfg.eval.every_steps)
-            if self._is_due(cfg.logging.every_steps) or is_eval:
-                tokens_per_s = window_tokens / max(window_time, 1e-9)
-                record = {
-                    # mean over the steps since the last record: one step's loss is noisy
-                    "step": self.step, "loss": distributed.all_reduce_mean(torch.stack(window_losses).mean()).item(), "lr": lr,
-                    "grad_norm": grad_norm.item(), "tokens": self.tokens_seen, "samples": self.samples_seen,
-                    "tokens_per_s": tokens_per_s, "world_size": self.engine.world_size,
-                    "mfu": self.flops_per_token * tokens_per_s / (peak_flops * self.engine.world_size),
-                    "epoch": self.train_batches.epoch,
-                }
-                if is_eval:
-                    val_loss = self.evaluate()
-                    if val_loss is not None:
-                        record["val_loss"] = val_loss
-                metrics.log(record)
-                last_record = record
-                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
-                window_time, window_tokens, window_losses = 0.0, 0, []
-            every = cfg.checkpoint.every_steps
-            is_preempted = self.step < last_stop and self._is_due(cfg.logging.every_steps) and preemption.should_stop()
-            if (every > 0 and self.step % every == 0) or self.step == self.stop_at_step \
-                    or (self.step == cfg.run.max_steps and cfg.checkpoint.save_final) or is_preempted:
-                last_checkpoint = self.save_checkpoint()
-            if is_preempted:
-                log.info("stop signal: checkpointed step %d and stopped; resume with --resume auto", self.step)
-                break
-        preemption.close()
-        progress.close()
-        metrics.close()
+                is_eval = self._is_due(cfg.eval.every_steps)
+                if self._is_due(cfg.logging.every_steps) or is_eval:
+                    tokens_per_s = window_tokens / max(window_time, 1e-9)
+                    record = {
+                        # mean over the steps since the last record: one step's loss is noisy
+                        "step": self.step, "loss": distributed.all_reduce_mean(torch.stack(self.window_losses).mean()).item(), "lr": lr,
+                        "grad_norm": grad_norm.item(), "tokens": self.tokens_seen, "samples": self.samples_seen,
+                        "tokens_per_s": tokens_per_s, "world_size": self.engine.world_size,
+                        "mfu": self.flops_per_token * tokens_per_s / (peak_flops * self.engine.world_size),
+                        "epoch": self.train_batches.epoch, **self.train_batches.num_skipped(),
+                    }
+                    if is_eval:
+                        val_loss = self.evaluate()
+                        if val_loss is not None:
+                            record["val_loss"] = val_loss
+                    metrics.log(record)
+                    last_record = record
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+                    window_time, window_tokens, self.window_losses = 0.0, 0, []
+                every = cfg.checkpoint.every_steps
+                # one process: after every step; several: at logging steps, where the ranks synchronise anyway
+                is_checked = self.engine.world_size == 1 or self._is_due(cfg.logging.every_steps)
+                is_preempted = self.step < last_stop and is_checked and preemption.should_stop()
+                if (every > 0 and self.step % every == 0) or self.step == self.stop_at_step \
+                        or (self.step == cfg.run.max_steps and cfg.checkpoint.save_final) or is_preempted:
+                    last_checkpoint = self.save_checkpoint()
+                if is_preempted:
+                    if not preemption.is_interrupted:
+                        log.info("stop signal: checkpointed step %d and stopped; resume with --resume auto", self.step)
+                    break
+        finally:
+            if owns_watcher:
+                preemption.close()
+            progress.close()
+            metrics.close()
         return {
             "step": self.step, "finished": self.step >= cfg.run.max_steps, "preempted": is_preempted, "run_dir": str(self.run_dir),
+            "interrupted": preemption.is_interrupted,  # Ctrl-C (even one that came during the last checkpoint)
+            "saved_at_stop": last_checkpoint is not None and last_checkpoint.name == step_dir_name(self.step),
             "checkpoint": str(last_checkpoint or self.checkpoints.latest() or ""),
             "last": last_record, "resumed_from": str(self.resumed_from or ""), "num_params": self.num_params,
             "peak_flops": peak_flops,

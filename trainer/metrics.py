@@ -54,8 +54,11 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:  # a full disk names no file
+            raise OSError(error.errno, error.strerror, error.filename or str(self.path)) from None
         if self.wandb_run is not None:
             step = record["step"]
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
@@ -77,9 +80,18 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log; a line that does not parse (torn by a kill mid-write, or being
+    written now) is left out."""
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
 
 
 def plot_losses(metrics_path: Path, out_path: Path, references: dict[str, float] | None = None) -> Path | None:

@@ -6,12 +6,19 @@ sequentially, `open().read()` locally, `fs.cat_file` on S3) and through the Shar
 loader costs beyond moving the bytes; the local / S3 rows say what the object store costs.
 Local reads come from the page cache after the first pass (the best case for local).
 
+`test_verification_cost` (local disk) measures what `data.verify` costs: the ShardLoader with
+verification on (size + sha256 of every shard, as on its first read in a process) and off, next
+to plain `webdataset.WebDataset(urls).decode()` and the raw read, in paired rounds (each round
+runs all four, in rotated order) so machine noise hits them alike; ratios are medians over rounds.
+
     make bench     # or: pytest -s tests/bench/test_storage_bench.py
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -20,6 +27,7 @@ from conftest import write_token_dataset
 RESULTS = Path(__file__).parent / "results"
 NUM_SHARDS, SAMPLES_PER_SHARD, SEQ_LEN = 8, 2000, 256  # ~8 MB of uint16 tokens
 NUM_REPEATS = 3  # best of: the machine is shared
+NUM_ROUNDS = 15  # paired rounds of the verification-cost benchmark
 
 
 def best_of(fn) -> tuple[float, int]:
@@ -36,7 +44,7 @@ def test_storage_throughput(s3_server, tmp_path):
     import s3fs
 
     from sharding import storage
-    from sharding.loader import ShardLoader
+    from sharding.loader import ShardLoader, forget_verified_shards
     from sharding.manifest import Manifest
 
     local = write_token_dataset(tmp_path / "tokens", num_shards=NUM_SHARDS, samples_per_shard=SAMPLES_PER_SHARD,
@@ -54,6 +62,7 @@ def test_storage_throughput(s3_server, tmp_path):
 
     def loader(root: str, storage_options):
         def run():
+            forget_verified_shards()  # every pass pays for verification, as a fresh process does
             samples = ShardLoader(manifest, root, "train", num_streams=1, seed=0, shuffle=True, storage_options=storage_options)
             return sum(1 for _ in samples)
         return run
@@ -78,3 +87,67 @@ def test_storage_throughput(s3_server, tmp_path):
     (RESULTS / "storage.json").write_text(json.dumps(
         {"dataset": {"num_shards": NUM_SHARDS, "samples_per_shard": SAMPLES_PER_SHARD, "seq_len": SEQ_LEN, "num_bytes": num_bytes},
          "repeats": NUM_REPEATS, "rows": rows, "loader_s3_over_local": s3_over_local}, indent=1) + "\n")
+
+
+def test_verification_cost(tmp_path):
+    """data.verify on vs off, plain WebDataset and the raw read on local disk, in paired rounds."""
+    import webdataset
+
+    from sharding.loader import ShardLoader, forget_verified_shards
+    from sharding.manifest import Manifest
+
+    root = write_token_dataset(tmp_path / "tokens", num_shards=NUM_SHARDS, samples_per_shard=SAMPLES_PER_SHARD,
+                               seq_len=SEQ_LEN, vocab_size=1024)
+    manifest = Manifest.read(root)
+    shards = manifest.shards_of("train")
+    paths = [f"{root}/{s.name}" for s in shards]
+    num_bytes, num_samples = sum(s.num_bytes for s in shards), NUM_SHARDS * SAMPLES_PER_SHARD
+
+    def loader(verify: bool):
+        def run():
+            forget_verified_shards()  # verification on every pass, as in a fresh process
+            return sum(1 for _ in ShardLoader(manifest, root, "train", num_streams=1, seed=0, verify=verify))
+        return run
+
+    def plain_webdataset():
+        return sum(1 for _ in webdataset.WebDataset(paths, shardshuffle=False).decode())
+
+    def raw():
+        return sum(len(open(path, "rb").read()) for path in paths)
+
+    def sha256_only():
+        return sum(len(data) for data in (open(path, "rb").read() for path in paths) if hashlib.sha256(data).digest())
+
+    readers = {"raw read": raw, "raw read + sha256": sha256_only, "webdataset .decode()": plain_webdataset,
+               "loader verify off": loader(False), "loader verify on": loader(True)}
+    expected = {name: num_bytes if name.startswith("raw") else num_samples for name in readers}
+    for name, run in readers.items():  # warm the page cache and the imports
+        assert run() == expected[name], name
+    seconds: dict[str, list[float]] = {name: [] for name in readers}
+    names = list(readers)
+    for round_index in range(NUM_ROUNDS):
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            start = time.perf_counter()
+            assert readers[name]() == expected[name]
+            seconds[name].append(time.perf_counter() - start)
+
+    def ratio(faster: str, slower: str) -> float:
+        """Median over rounds of samples/s of `faster` over `slower` (= slower's time over faster's)."""
+        return statistics.median(b / a for a, b in zip(seconds[faster], seconds[slower]))
+
+    rows = {name: {"median_s": statistics.median(times), "samples_per_s": num_samples / statistics.median(times),
+                   "mb_per_s": num_bytes / statistics.median(times) / 1e6} for name, times in seconds.items()}
+    ratios = {"verify_on_over_off": ratio("loader verify on", "loader verify off"),
+              "verify_on_over_off_best": min(seconds["loader verify off"]) / min(seconds["loader verify on"]),
+              "verify_on_over_webdataset": ratio("loader verify on", "webdataset .decode()"),
+              "verify_off_over_webdataset": ratio("loader verify off", "webdataset .decode()")}
+    print(f"\n{'reader':22s} {'MB/s':>8s} {'samples/s':>10s}")
+    for name, row in rows.items():
+        print(f"{name:22s} {row['mb_per_s']:8.1f} {row['samples_per_s']:10.0f}")
+    print(f"loader throughput, verify on / off: {ratios['verify_on_over_off']:.3f} (median of rounds), "
+          f"{ratios['verify_on_over_off_best']:.3f} (best of each); verify on / plain webdataset: "
+          f"{ratios['verify_on_over_webdataset']:.2f} (goal >= 0.9); verify off / webdataset: {ratios['verify_off_over_webdataset']:.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "verification.json").write_text(json.dumps(
+        {"dataset": {"num_shards": NUM_SHARDS, "samples_per_shard": SAMPLES_PER_SHARD, "seq_len": SEQ_LEN, "num_bytes": num_bytes},
+         "rounds": NUM_ROUNDS, "rows": rows, "ratios": ratios, "seconds": seconds}, indent=1) + "\n")

@@ -22,7 +22,16 @@ from trainer.engines.single import pick_device
 
 
 def engine_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
-    """single: run.device (auto: cuda > mps > cpu); multi-process engines: cuda:LOCAL_RANK, else cpu."""
+    """single: run.device (auto: cuda > mps > cpu); multi-process engines: cuda:LOCAL_RANK, else cpu.
+    fp16 on a CPU is refused for every engine, as documented: fp16 with loss scaling is a GPU mode (DeepSpeed and
+    Accelerate cannot run it on CPU at all), and this check comes before any process group or run dir exists."""
+    device = _pick_engine_device(cfg, env)
+    if cfg.engine.precision == "fp16" and device.type == "cpu":
+        raise UserError("engine.precision fp16 needs a GPU (CUDA); on CPU use bf16 or fp32")
+    return device
+
+
+def _pick_engine_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     if cfg.engine.kind == "single":
         if env.world_size > 1:
             raise UserError(f"engine.kind 'single' runs one process, but the launcher started {env.world_size}: "
