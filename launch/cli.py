@@ -381,7 +381,8 @@ def cmd_config_reference(args: argparse.Namespace) -> None:
     for title, cls in (("train config", TrainConfig), ("prepare config", PrepareConfig), ("pretokenize config", PretokenizeConfig)):
         print(f"## {title}\n\n| key | type | default | meaning |\n|---|---|---|---|")
         for key, type_name, default, doc in describe(cls):
-            print(f"| `{key}` | {type_name} | `{default}` | {doc} |")
+            cells = (f"`{key}`", type_name, f"`{default}`", doc)
+            print("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")  # Literal types hold '|'
         print()
 
 

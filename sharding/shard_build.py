@@ -187,6 +187,9 @@ def build_on_ray(
     from sharding.ray_runtime import init_ray
 
     init_ray(ray_cfg)
+    # a failing task's error reaches the caller (and becomes one line when it is the user's: a full disk,
+    # a bad input); Ray Data would also log its stack trace on stderr
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
     items = [{"spec": json.dumps(spec)} for spec in specs]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     if isinstance(build, ActorPool):
@@ -254,15 +257,20 @@ def build_missing_shards(
     return sidecars, built, seconds
 
 
+_OS_ERROR_TEXT = re.compile(r"(?:OSError|\w+Error): \[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]+)')?")
+
+
 def _os_error_in(error: BaseException) -> OSError | None:
-    """The OSError a Ray task raised, found through the exceptions Ray and Ray Data wrap it in."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno is not None:
-            return error
-        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    return None
+    """The OSError a Ray task raised: found through the exceptions Ray and Ray Data wrap it in, or, as
+    those do not always keep it as an object across processes, read back from their text."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    match = _OS_ERROR_TEXT.search(str(error))
+    return OSError(int(match.group(1)), match.group(2), match.group(3)) if match else None
 
 
 # ------------------------------------------------------------------ finishing

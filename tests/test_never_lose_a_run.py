@@ -145,6 +145,47 @@ def test_a_read_only_filesystem_ends_in_one_line(tmp_path, token_dataset, capsys
     assert "/proc/no-such-run" in cli_error(capsys, ["train", write_config(tmp_path, token_dataset, Path("/proc/no-such-run"))])
 
 
+def test_prepare_and_export_on_full_and_read_only_filesystems(ray_session, tmp_path, token_dataset, capsys):
+    """prepare into a full or read-only filesystem, export into a full one: exit 2, one line naming the
+    path and the fault; complete shards stay, nothing half-written stays."""
+    ids = tmp_path / "ids"
+    ids.mkdir()
+    for index in range(6):  # ~60 KB of shards per file
+        (ids / f"part-{index}.txt").write_text(" ".join(str((i * 7 + index) % 500) for i in range(30_000)))
+    run_dir = tmp_path / "run"
+    main(["train", write_config(tmp_path, token_dataset, run_dir, steps=3)])
+    with tmpfs(tmp_path / "full", "200k") as disk:
+        config = {"source": {"kind": "tokens", "paths": [f"{ids}/*.txt"]},
+                  "shards": {"output": str(disk / "dataset"), "name": "ids", "seq_len": 64, "source_bytes_per_shard": 1,
+                             "val_fraction": 0.2}}
+        path = tmp_path / "prepare.yaml"
+        path.write_text(yaml.safe_dump(config))
+        error = cli_error(capsys, ["prepare", str(path), "--quiet"])
+        assert "No space left on device" in error and f"building shards in {disk / 'dataset'} stopped" in error
+        assert "complete shards are kept" in error
+        assert not [p for p in (disk / "dataset").iterdir() if ".tmp" in p.name]
+        error = cli_error(capsys, ["export", str(run_dir), "--out", str(disk / "exported")])
+        assert error.endswith(f"No space left on device writing {disk / 'exported'}: nothing was written; "
+                              f"{run_dir / 'checkpoints' / 'step-00000003'} is intact")
+        assert not (disk / "exported").exists() and not list(disk.glob(".exported*"))
+    with tmpfs(tmp_path / "ro", "1m") as disk:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        config["shards"]["output"] = str(disk / "dataset")
+        path.write_text(yaml.safe_dump(config))
+        assert "Read-only file system" in cli_error(capsys, ["prepare", str(path), "--quiet"])
+
+
+def test_a_dead_commands_network_namespace_is_removed(tmp_path):
+    from launch.netns import remove_stale_namespaces
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    name = f"tokfleet-{dead.pid}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    remove_stale_namespaces()
+    assert name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
 # ------------------------------------------------------------------ damaged checkpoints
 
 

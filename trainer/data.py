@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from sharding.loader import SKIPPED, ShardIterableDataset, ShardLoader, log_skip
 from sharding.manifest import Manifest
 from trainer import distributed
+from trainer.metrics import truncate_jsonl
 
 
 MAX_EMPTY_EPOCHS = 8  # more than any resumed state can skip (ranks drift apart by at most an epoch or two)
@@ -107,13 +108,6 @@ def out_of_vocabulary(tokens: torch.Tensor, vocab_size: int) -> list[tuple[int, 
         return []
     is_bad = (tokens < 0) | (tokens >= vocab_size)
     return [(row, int(tokens[row][is_bad[row]][0])) for row in is_bad.flatten(1).any(1).nonzero().flatten().tolist()]
-
-
-def _truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop the records of steps after `max_step` (a run that did not checkpoint them wrote them)."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip() and (json.loads(line).get("step") or 0) <= max_step]
-        path.write_text("".join(line + "\n" for line in lines))
 
 
 def _worker_message(error: UserError) -> str:
@@ -249,7 +243,7 @@ class Batches:
         if self.rank == 0:  # ranks that no longer exist (resumed on fewer)
             stale += [p for p in self.skip_log.parent.glob("skipped-rank*.jsonl") if int(p.stem.rsplit("rank", 1)[1]) >= self.world_size]
         for path in stale:
-            _truncate_jsonl(path, step - 1)
+            truncate_jsonl(path, step - 1)
 
     def next_batch(self, step: int | None = None) -> dict[str, torch.Tensor]:
         """The micro-batch's array fields stacked, e.g. {"tokens": (B, T+1) int64}."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -23,7 +22,7 @@ from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, split
 from trainer import distributed
 from trainer.engines import build_engine, engine_device
 from trainer.host_memory import release_freed_memory, shards_parameters
-from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses, read_metrics
+from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses, truncate_jsonl
 from trainer.preemption import PreemptionWatcher
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.token_tasks import RAW_KINDS, GridSource, GridTask, resolve_grid_args
@@ -76,14 +75,6 @@ def saved_model_args(saved: dict[str, Any]) -> dict[str, Any]:
         return asdict(model_config(saved["name"], saved["flavor"], saved["args"]))
     except ValueError:
         return saved["args"]  # the comparison below names the differences
-
-
-def _truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop records of steps after `max_step`: they belong to a run that did not checkpoint them."""
-    if not path.is_file():
-        return
-    kept = [record for record in read_metrics(path) if record.get("step", 0) <= max_step]
-    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 class Trainer:
@@ -150,7 +141,7 @@ class Trainer:
         self.window_losses: list[torch.Tensor] = []
         if resume_from is None and self.is_main:  # records of a run that never checkpointed: not this run's
             for path in [self.run_dir / "metrics.jsonl", *(self.run_dir / "logs").glob("sample_keys-rank*.jsonl")]:
-                _truncate_jsonl(path, 0)
+                truncate_jsonl(path, 0)
         if resume_from is not None:
             self._load(resume_from)
             # records after the checkpoint belong to a run that did not save them; rank 0 also
@@ -161,7 +152,7 @@ class Trainer:
                 stale += [p for p in (self.run_dir / "logs").glob("sample_keys-rank*.jsonl")
                           if int(p.stem.rsplit("rank", 1)[1]) >= self.engine.world_size]
             for path in stale:
-                _truncate_jsonl(path, self.step)
+                truncate_jsonl(path, self.step)
         self.resumed_from = resume_from
         if self.is_main:
             self._copy_tokenizer()
@@ -281,7 +272,8 @@ class Trainer:
         last_stop = self.stop_at_step if self.stop_at_step is not None else cfg.run.max_steps
         last_stop = min(last_stop, cfg.run.max_steps)
         progress = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", unit="step",
-                        disable=not (cfg.logging.progress and is_main), dynamic_ncols=True)
+                        disable=True if not (cfg.logging.progress and is_main) else None,  # None: only on a terminal
+                        dynamic_ncols=True)
         window_time, window_tokens = 0.0, 0
         last_record: dict[str, Any] = {}
         last_checkpoint = None

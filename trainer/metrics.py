@@ -94,6 +94,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop the records of steps after `max_step` from a JSON-lines log (they belong to a run that did
+    not checkpoint them), and any torn line."""
+    path = Path(path)
+    if path.is_file():
+        kept = [record for record in read_metrics(path) if (record.get("step") or 0) <= max_step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
 def plot_losses(metrics_path: Path, out_path: Path, references: dict[str, float] | None = None) -> Path | None:
     """Train (and validation) loss over steps as a PNG, with horizontal reference levels."""
     records = read_metrics(metrics_path)
