@@ -86,6 +86,16 @@ def unreadable(name: str) -> Callable[[Env], None]:
     return setup
 
 
+def copy_checkpoint_torn(name: str) -> Callable[[Env], None]:
+    """{tmp}/step-00000002: a copy of the module's checkpoint with file `name` cut to half its length."""
+    def setup(env: Env) -> None:
+        target = env.tmp / env.checkpoint.name
+        shutil.copytree(env.checkpoint, target)
+        data = (target / name).read_bytes()
+        (target / name).write_bytes(data[: len(data) // 2])
+    return setup
+
+
 def copy_checkpoint_without(name: str) -> Callable[[Env], None]:
     """{tmp}/step-00000002: a copy of the module's checkpoint with file `name` removed."""
     def setup(env: Env) -> None:
@@ -288,6 +298,16 @@ def path_cases() -> list[Case]:
              "{tmp}/step-00000002 is incomplete (no COMPLETE marker)", copy_checkpoint_without("COMPLETE")),
         Case("--resume a folder of other files", [*train, "--resume", "{tmp}/misc"], "{tmp}/misc is a folder without trainer_state.json",
              write("misc/readme.txt", "x\n")),
+        Case("--resume a checkpoint with torn weights", [*train, "--resume", "{tmp}/step-00000002"],
+             "--resume {tmp}/step-00000002: the checkpoint fails its checks (model.safetensors holds", copy_checkpoint_torn("model.safetensors")),
+        Case("--resume a checkpoint with a torn optimizer", [*train, "--resume", "{tmp}/step-00000002"],
+             "the checkpoint fails its checks (optimizer.pt holds", copy_checkpoint_torn("optimizer.pt")),
+        Case("--resume a checkpoint with a torn trainer state", [*train, "--resume", "{tmp}/step-00000002"],
+             "{tmp}/step-00000002/trainer_state.json", copy_checkpoint_torn("trainer_state.json")),
+        Case("generate from a checkpoint with torn weights", ["generate", "--checkpoint", "{tmp}/step-00000002", "--prompt-tokens", "1 2"],
+             "{tmp}/step-00000002", copy_checkpoint_torn("model.safetensors")),
+        Case("export a checkpoint with torn weights", ["export", "{tmp}/step-00000002", "--out", "{tmp}/out"],
+             "{tmp}/step-00000002", copy_checkpoint_torn("model.safetensors")),
         Case("train fp16 on CPU", [*train, "--set", "engine.precision=fp16"], "engine.precision fp16 needs a GPU (CUDA); on CPU use bf16 or fp32"),
         Case("train fp16 on CPU, accelerate", [*train, "--set", "engine.precision=fp16", "--set", "engine.kind=accelerate",
                                                "--set", "engine.strategy=ddp"], "engine.precision fp16 needs a GPU (CUDA)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -72,6 +73,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None 
     from trainer import distributed
     from trainer.loop import Trainer  # heavy imports after the config is known good
 
+    trainer = None
     try:
         trainer = Trainer(cfg, resume=resume, stop_at_step=stop_at_step, overwrite=overwrite)
         if not trainer.is_main:
@@ -79,10 +81,14 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None 
         if trainer.resumed_from:
             logging.getLogger("tokfleet").info("resumed from %s at step %d", trainer.resumed_from, trainer.step)
         summary = trainer.train(preemption)
+        if trainer.is_main:
+            summary["plot"] = str(trainer.plot() or "")
     finally:
+        # the engine (DDP's reducer, DeepSpeed) holds the process group and gloo's pending work: free them
+        # while the interpreter is whole, not during its shutdown (a gloo thread then aborts the process)
+        del trainer
+        gc.collect()
         distributed.shutdown()
-    if trainer.is_main:
-        summary["plot"] = str(trainer.plot() or "")
     return summary
 
 

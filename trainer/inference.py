@@ -10,18 +10,24 @@ from torch import nn
 
 from launch.errors import UserError
 from modeling.registry import build_model, get_model_spec
-from trainer.checkpoint import CheckpointManager, read_trainer_state
+from trainer.checkpoint import CheckpointManager, is_complete, read_trainer_state, verify_checkpoint
 from trainer.engines.single import load_model_state
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run dir (its newest complete checkpoint)."""
+def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
+    """A checkpoint folder, or a run dir (its newest complete checkpoint whose files check out). With
+    `verify`, a checkpoint folder whose files do not (trainer/checkpoint.py verify_checkpoint) is a
+    UserError naming the first problem."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
-        latest = CheckpointManager(path, keep_last=1).latest()
+        latest = CheckpointManager(path, keep_last=1).latest(verify=verify)
         if latest is None:
             raise UserError(f"run directory {path} has no complete checkpoint")
         return latest
+    if verify and is_complete(path):
+        problems = verify_checkpoint(path)
+        if problems:
+            raise UserError(f"checkpoint {path} fails its checks ({problems[0]}); see `tokfleet inspect {path}`")
     return path
 
 
