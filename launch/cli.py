@@ -123,6 +123,27 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from sharding import storage
+    from sharding.analysis import AnalyzeOptions, analyze, format_report
+
+    with exit_on_user_error(args.debug):
+        out = args.out
+        if out is None:
+            if not storage.is_local(args.dataset):
+                raise UserError(f"{args.dataset} is not a local folder: name where the report goes with --out")
+            out = str(Path(storage.local_path(args.dataset)) / "analysis")
+        if args.ray:
+            from launch.netns import ensure_confined
+
+            if not args.ray_address:
+                ensure_confined()
+        options = AnalyzeOptions(split=args.split, max_patterns=args.max_patterns, num_outliers=args.outliers,
+                                 use_ray=args.ray or bool(args.ray_address), ray_address=args.ray_address)
+        report = analyze(args.dataset, out, options)
+    print(format_report(report, out))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from trainer.causal_eval import checkpoint_task, evaluate_causal, format_causal_report
     from trainer.engines.single import pick_device
@@ -454,6 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="dataset root, checkpoint folder or run dir")
     inspect.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     inspect.set_defaults(func=cmd_inspect)
+
+    analysis = sub.add_parser("analyze", help="token statistics of a token dataset: usage, entropies, transitions, n-grams, outliers",
+                              description="Streams the shards of any token dataset (text, token ids, MEG/EEG or video codes) "
+                                          "twice: counts, then each sample's likelihood under the data's own unigram/bigram model. "
+                                          "Writes analysis.json and PNGs (usage, transition heatmap, sample likelihoods, per "
+                                          "channel/level for code grids).")
+    analysis.add_argument("dataset", help="dataset root (manifest.json), local or s3://")
+    analysis.add_argument("--out", help="report folder (default: DATASET/analysis for a local dataset)")
+    analysis.add_argument("--split", choices=("train", "val", "all"), default="train", help="which shards (default: train)")
+    analysis.add_argument("--outliers", type=positive_int, default=10, help="samples listed per outlier kind (default 10)")
+    analysis.add_argument("--max-patterns", type=positive_int, default=1 << 18,
+                          help="n-gram patterns kept per order while counting (beyond it the rarest are pruned; the report says so)")
+    analysis.add_argument("--ray", action="store_true", help="run the per-shard work as Ray tasks (a local instance unless --ray-address)")
+    analysis.add_argument("--ray-address", help="join this Ray cluster (implies --ray)")
+    analysis.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    analysis.set_defaults(func=cmd_analyze)
 
     export = sub.add_parser("export", help="consolidate a checkpoint (ZeRO / FSDP shards too) into one safetensors model",
                             description="Writes OUT/model.safetensors (fp32, whole tensors), the model spec and the tokenizer: a "

@@ -302,3 +302,23 @@ def checkpoints(meg_mag, video_built, tmp_path_factory) -> dict[str, str]:
     train_on(meg_mag, runs, BRAINTOKMIX, {"window_length": 100, "num_sensors": 8}, micro=4, steps=2)
     train_on(video_built[3], runs, "Vidtok", {}, micro=2, steps=2)
     return {name: str(runs / name) for name in ("totem", BRAINTOKMIX, "Vidtok")}
+
+
+def relabel_checkpoint(source, target, model: dict) -> None:
+    """A copy of checkpoint `source` at `target` whose trainer state names another `model`, with its
+    completion marker updated so the copy passes verification (what a user's hand-edited checkpoint
+    would need): the command under test then judges the model, not the damage."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from trainer.checkpoint import COMPLETE_MARKER, STATE_FILE
+
+    shutil.copytree(source, target)
+    target = Path(target)
+    state = json.loads((target / STATE_FILE).read_text())
+    state["model"] = model
+    (target / STATE_FILE).write_text(json.dumps(state))
+    marker = json.loads((target / COMPLETE_MARKER).read_text())
+    marker["files"][STATE_FILE] = (target / STATE_FILE).stat().st_size
+    (target / COMPLETE_MARKER).write_text(json.dumps(marker))

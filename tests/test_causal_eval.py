@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_grid_dataset as conftest_grid_dataset, write_token_dataset
+from conftest import relabel_checkpoint, write_grid_dataset as conftest_grid_dataset, write_token_dataset
 
 BRAINTOKMIX = "BrainOmniCausalTokenizerSEANetChannelMix"
 
@@ -315,8 +314,5 @@ def test_cli_still_evaluates_tokenizer_checkpoints(gpt_run, tmp_path, capsys):
     # as tests/test_pretokenize_signals.py does: the tokenizer's checkpoint relabelled as a gpt
     (source,) = (Path(totem) / "checkpoints").glob("step-*")
     relabelled = tmp_path / "gpt-checkpoint"
-    shutil.copytree(source, relabelled)
-    state = json.loads((relabelled / "trainer_state.json").read_text())
-    state["model"] = {"name": "gpt", "flavor": "debug", "args": {}}
-    (relabelled / "trainer_state.json").write_text(json.dumps(state))
+    relabel_checkpoint(source, relabelled, {"name": "gpt", "flavor": "debug", "args": {}})
     assert "model 'gpt' is not a tokenizer model" in error_of(["eval", str(relabelled), "--data", raw], capsys)

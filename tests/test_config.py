@@ -138,7 +138,7 @@ def test_saved_configs_hold_no_job_credentials(tmp_path):
 def test_help_of_every_subcommand():
     result = tokfleet("--help")
     assert result.returncode == 0
-    commands = ["prepare", "pretokenize", "train", "generate", "eval", "forecast", "inspect", "models", "config-reference", "demo",
+    commands = ["prepare", "pretokenize", "train", "generate", "eval", "forecast", "analyze", "inspect", "models", "config-reference", "demo",
                 "submit", "jobs"]
     for command in commands:
         assert command in result.stdout

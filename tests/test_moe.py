@@ -458,8 +458,8 @@ def test_missing_or_foreign_expert_files_are_refused(moe_runs, tmp_path):
     (checkpoint / "experts" / "blocks.1.mlp.expert-0003.safetensors").unlink()
     with pytest.raises(UserError, match=r"expert 3 of blocks.1.mlp is missing \(experts/blocks.1.mlp.expert-0003"):
         check_experts(checkpoint, read_index(checkpoint), specs)
-    with pytest.raises(UserError, match="expert 3 of blocks.1.mlp is missing"):
-        export_checkpoint(checkpoint, tmp_path / "export")
+    with pytest.raises(UserError, match=r"fails its checks \(experts/blocks.1.mlp.expert-0003.safetensors is missing\)"):
+        export_checkpoint(checkpoint, tmp_path / "export")  # the checkpoint's own file list says so first
     other = {**specs, "blocks.1.mlp": {**specs["blocks.1.mlp"], "num_experts": 8}}
     with pytest.raises(UserError, match="the experts of blocks.1.mlp do not match the model: 4 experts"):
         check_experts(checkpoint, read_index(checkpoint), other)
@@ -468,5 +468,11 @@ def test_missing_or_foreign_expert_files_are_refused(moe_runs, tmp_path):
 
     save_file({"w_in": torch.zeros(64, 128), "w_out": torch.zeros(128, 64)},
               checkpoint / "experts" / "blocks.1.mlp.expert-0003.safetensors")
+    with pytest.raises(UserError, match=r"fails its checks \(experts/blocks.1.mlp.expert-0003.safetensors holds \d+ bytes"):
+        export_checkpoint(checkpoint, tmp_path / "export")
+    # ... and past the file list (a marker rewritten by hand), the tensors' shapes
+    marker = json.loads((checkpoint / "COMPLETE").read_text())
+    marker["files"]["experts/blocks.1.mlp.expert-0003.safetensors"] = (checkpoint / "experts" / "blocks.1.mlp.expert-0003.safetensors").stat().st_size
+    (checkpoint / "COMPLETE").write_text(json.dumps(marker))
     with pytest.raises(UserError, match=r"blocks.1.mlp.expert-0003.safetensors holds .*\[64, 128\].*, expected"):
         export_checkpoint(checkpoint, tmp_path / "export")

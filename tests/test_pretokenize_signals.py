@@ -13,7 +13,6 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from sharding.shard_build import sidecar_name, verify_dataset  # noqa: E402
 from sharding.shards import read_shard  # noqa: E402
 from test_prepare_signals import file_ids  # noqa: E402
 
-from conftest import BRAINTOKMIX  # noqa: E402  (meg_mag and the tokenizer checkpoints are session fixtures there)
+from conftest import BRAINTOKMIX, relabel_checkpoint  # noqa: E402  (meg_mag and the tokenizer checkpoints are session fixtures there)
 
 
 def pretokenize_config(dataset: str, checkpoint: str, output: str, **actors) -> PretokenizeConfig:
@@ -218,10 +217,7 @@ def test_bad_inputs_exit_2_with_one_line(meg_mag, video_built, checkpoints, tmp_
     # a checkpoint of a language model
     gpt = tmp_path / "gpt-checkpoint"
     (source,) = glob.glob(f"{checkpoints['totem']}/checkpoints/step-*")
-    shutil.copytree(source, gpt)
-    state = json.loads((gpt / "trainer_state.json").read_text())
-    state["model"] = {"name": "gpt", "flavor": "debug", "args": {}}
-    (gpt / "trainer_state.json").write_text(json.dumps(state))
+    relabel_checkpoint(source, gpt, {"name": "gpt", "flavor": "debug", "args": {}})
     assert "model 'gpt' is not a tokenizer model" in error_of(["eval", str(gpt), "--data", meg_mag])
     # a video dataset given to a MEG tokenizer (eval, and pretokenize, which writes nothing)
     assert "'video_clips' dataset; tokenizer totem" in error_of(["eval", checkpoints["totem"], "--data", video_built[3]])

@@ -129,6 +129,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return reduced / dist.get_world_size()
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over ranks (a new tensor on the collective's device; the input is left alone)."""
+    if not is_active():
+        return tensor.detach().clone()
+    reduced = tensor.detach().to(_collective_device(), copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced
+
+
 def _all_reduce_int(value: int, op) -> int:
     if not is_active():
         return value

@@ -139,20 +139,18 @@ class Trainer:
         # this rank's step losses since the last metrics record: a checkpoint keeps them, so a resumed
         # run logs the same mean at the next logging step as the uninterrupted run
         self.window_losses: list[torch.Tensor] = []
-        if resume_from is None and self.is_main:  # records of a run that never checkpointed: not this run's
-            for path in [self.run_dir / "metrics.jsonl", *(self.run_dir / "logs").glob("sample_keys-rank*.jsonl")]:
-                truncate_jsonl(path, 0)
         if resume_from is not None:
             self._load(resume_from)
-            # records after the checkpoint belong to a run that did not save them; rank 0 also
-            # cleans the logs of ranks that no longer exist (resumed on fewer ranks)
-            stale = [key_log] if key_log is not None else []
-            if self.is_main:
-                stale.append(self.run_dir / "metrics.jsonl")
-                stale += [p for p in (self.run_dir / "logs").glob("sample_keys-rank*.jsonl")
-                          if int(p.stem.rsplit("rank", 1)[1]) >= self.engine.world_size]
-            for path in stale:
-                truncate_jsonl(path, self.step)
+        # records after the checkpoint (all of them on a fresh start) belong to a run that did not save
+        # them: each rank empties its own key log (another rank may already be writing its next steps),
+        # rank 0 the metrics and the logs of ranks this run does not have (resumed on fewer ranks)
+        stale = [key_log] if key_log is not None else []
+        if self.is_main:
+            stale.append(self.run_dir / "metrics.jsonl")
+            stale += [p for p in (self.run_dir / "logs").glob("sample_keys-rank*.jsonl")
+                      if int(p.stem.rsplit("rank", 1)[1]) >= self.engine.world_size]
+        for path in stale:
+            truncate_jsonl(path, self.step)
         self.resumed_from = resume_from
         if self.is_main:
             self._copy_tokenizer()
