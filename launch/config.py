@@ -134,9 +134,18 @@ class LoggingConfig:
 class EvalConfig:
     every_steps: int = option(100, "validate every N steps (0: only at the end)", bound=">= 0")
     num_batches: int = option(8, "validation micro-batches per evaluation", bound=">= 1")
+    sample_every: int = option(0, "write samples every N steps (and at the last) to samples.jsonl and wandb (0: never)", bound=">= 0")
+    sample_prompts: list[str] = option(help="text prompts the samples continue (a latent model: reconstructs, and "
+                                            "generates as many from noise)", factory=list)
+    sample_max_new_tokens: int = option(64, "tokens a sample continues its prompt by", bound=">= 1")
+    sample_temperature: float = option(1.0, "sampling temperature of the samples", bound="> 0")
+    sample_top_k: int = option(50, "sample among the k most likely tokens (0: all)", bound=">= 0")
+    sample_num_steps: int = option(20, "Euler steps of a latent diffusion model's generated samples", bound=">= 1")
 
     def __post_init__(self):
         check_bounds(self, "eval")
+        if self.sample_every and not self.sample_prompts:
+            raise ConfigError("eval.sample_every is set but eval.sample_prompts is empty: give the prompts to continue")
 
 
 # ------------------------------------------------------------------- launch (cluster jobs)

@@ -431,6 +431,7 @@ class BrainOmniCausalTokenizer(TokenizerModel):
         target = self.normalize_target(windows) if self.config.normalize else windows
         loss, parts = self.loss_fn(reconstruction, target, quantized.loss)
         self.last_metrics = {**parts, "ppl": quantized.perplexity, "codebook_utilization": quantized.utilization.detach()}
+        self.keep_parts(parts, signal.shape[0])
         return loss
 
     def tokenize(self, signal: torch.Tensor, pos: torch.Tensor | None = None, sensor_type: torch.Tensor | None = None,

@@ -47,6 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling import reports
+from modeling.reports import Reported
+
 ACTIVATIONS = ("relu2", "gelu", "silu", "swiglu")
 
 
@@ -232,6 +235,8 @@ class MoEMLP(nn.Module):
         self.experts = GroupedExperts(config.num_experts, d_model, hidden, config.activation)
         self.dispatcher: Dispatcher = run_local  # expert parallelism installs its own (moe_dispatch)
         self.aux_loss: torch.Tensor | None = None  # of the last forward, unweighted
+        self.last_load: torch.Tensor | None = None  # (E,) assignments per expert of the last forward, before capacity
+        self.last_dropped: torch.Tensor | None = None  # () assignments dropped at capacity
 
     @torch.no_grad()
     def init_weights(self, in_std: float, out_std: float, router_std: float | None = None) -> None:
@@ -240,12 +245,25 @@ class MoEMLP(nn.Module):
         if router_std is not None:
             nn.init.normal_(self.router.weight, std=router_std)
 
+    @property
+    def last_report(self) -> dict[str, Reported]:
+        """The expert load (tokens per expert), assignments dropped at capacity and the load-balancing
+        loss of the last forward (modeling/reports.py; summed over the model's MoE layers)."""
+        if self.last_load is None:
+            return {}
+        assignments = self.last_load.sum()
+        return {"moe/load": reports.usage(self.last_load), "moe/dropped": reports.count(self.last_dropped),
+                "moe/dropped_fraction": reports.mean(self.last_dropped / assignments.clamp(min=1), assignments),
+                "moe/aux_loss": reports.mean(self.aux_loss, 1)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_ND = x.reshape(-1, x.size(-1))
         num_tokens, top_k = x_ND.size(0), self.config.top_k
         capacity = expert_capacity(num_tokens, self.num_experts, top_k, self.config.capacity_factor) if self.training else None
         routing = route(self.router(x_ND), top_k, capacity)
         self.aux_loss = routing.aux_loss
+        self.last_load = torch.bincount(routing.expert_index.reshape(-1), minlength=self.num_experts)
+        self.last_dropped = (~routing.is_kept).sum()
 
         # kept assignments (token n, choice j) -> flat index n * k + j, grouped by expert (stable: token order within)
         flat_expert = routing.expert_index.reshape(-1)  # (N * k,)

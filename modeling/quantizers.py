@@ -40,6 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling import reports
+from modeling.reports import Reported
+
 # Rows of the (N, K) distance matrix computed at once: bounds memory for big codebooks and batches.
 _MAX_DISTANCE_ELEMENTS = 1 << 24
 
@@ -145,6 +148,8 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_embed_sum", torch.empty(codebook_size, codebook_dim))  # (K, Dc) EMA of sums
         self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # see module docstring
         self.last_num_revived = 0  # codes revived by the latest update, for logging
+        self.last_counts: torch.Tensor | None = None  # (K,) vectors per code in the last forward
+        self.report_name = "codebook/l0"  # a residual quantiser names its levels
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.codebook)  # replaced from data on the first training batch
@@ -190,6 +195,8 @@ class VectorQuantizer(nn.Module):
         else:
             quantized = flat + (codes - flat).detach()  # straight-through
         counts = code_histogram(indices, self.codebook_size)  # (K,)
+        self.last_counts = counts
+        self.last_num_revived = 0
         if update:
             self._update_codebook(flat.detach(), indices, counts)
         quantized = self.project_out(quantized.to(z_in.dtype).view(z_in.shape))
@@ -242,6 +249,13 @@ class VectorQuantizer(nn.Module):
         self.ema_cluster_size[is_dead] = threshold
         self.last_num_revived = num_dead
 
+    @property
+    def last_report(self) -> dict[str, Reported]:
+        """Code usage of the last forward and the dead codes it revived (modeling/reports.py)."""
+        if self.last_counts is None:
+            return {}
+        return {self.report_name: reports.usage(self.last_counts), f"{self.report_name}_revived": reports.count(self.last_num_revived)}
+
     def codebook_usage(self) -> torch.Tensor:
         """(K,) share of vectors each code received, from the EMA (sums to 1 once trained)."""
         return self.ema_cluster_size / self.ema_cluster_size.sum().clamp_min(self.epsilon)
@@ -264,6 +278,8 @@ class ResidualVectorQuantizer(nn.Module):
         self.layers = nn.ModuleList(
             VectorQuantizer(dim, codebook_size, **quantizer_kwargs) for _ in range(num_quantizers)
         )
+        for level, layer in enumerate(self.layers):
+            layer.report_name = f"codebook/l{level}"
 
     def forward(self, z: torch.Tensor, update: bool | None = None) -> QuantizerOutput:
         residual = z
@@ -330,7 +346,14 @@ class FiniteScalarQuantizer(nn.Module):
         # Derived from `levels`: not saved, and recomputed by reset_parameters after a meta build.
         self.register_buffer("_levels", torch.empty(self.codebook_dim, dtype=torch.int64), persistent=False)
         self.register_buffer("_basis", torch.empty(self.codebook_dim, dtype=torch.int64), persistent=False)
+        self.last_counts: torch.Tensor | None = None  # (K,) vectors per code in the last forward
+        self.report_name = "codebook/l0"
         self.reset_parameters()
+
+    @property
+    def last_report(self) -> dict[str, Reported]:
+        """Code usage of the last forward (modeling/reports.py)."""
+        return {} if self.last_counts is None else {self.report_name: reports.usage(self.last_counts)}
 
     def reset_parameters(self) -> None:
         device = self._levels.device
@@ -383,6 +406,7 @@ class FiniteScalarQuantizer(nn.Module):
         if self.commitment_weight > 0:
             loss = self.commitment_weight * F.mse_loss(z_in, codes.detach())
         counts = code_histogram(indices, self.codebook_size)
+        self.last_counts = counts
         return QuantizerOutput(
             quantized=self.project_out(codes.to(z.dtype)),
             indices=indices,

@@ -54,7 +54,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
+from modeling import reports
 from modeling.moe import MoEFields, MoEMLP, moe_aux_loss, num_idle_expert_params
+from modeling.reports import Reported
 from modeling.registry import ModelSpec, register_model
 
 WEIGHTS_FILE = "model.safetensors"  # what a stage-1 checkpoint folder (or export) holds
@@ -455,6 +457,7 @@ class TokComDiffusion(nn.Module):
         self.vae.requires_grad_(False)
         self.denoiser = DenoisedModel(config)
         self.set_gradient_checkpointing(config.use_gradient_checkpointing)
+        self._last_losses: dict[str, Reported] = {}
 
     def train(self, mode: bool = True) -> "TokComDiffusion":
         super().train(mode)
@@ -509,7 +512,13 @@ class TokComDiffusion(nn.Module):
         logits = self.vae.decode_logits(x1_pred)  # (B, N, C, V); gradients reach x1_pred, not the frozen decoder
         ce = F.cross_entropy(logits.float().flatten(0, 2), chunks.flatten())
         mse = F.mse_loss(x1_pred.float(), x1.float())
+        self._last_losses = {"ce": reports.mean(ce, chunks.numel()), "mse": reports.mean(mse, x1.numel())}
         return {"ce": ce, "mse": mse}
+
+    @property
+    def last_report(self) -> dict[str, Reported]:
+        """The two parts of the last training loss, ce over tokens and mse over latent elements (modeling/reports.py)."""
+        return self._last_losses
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         losses = self.losses(input_ids)

@@ -10,7 +10,8 @@
 - `set_gradient_checkpointing(enabled)`, which sets the flag of every encoder and decoder, and
   `run_stages()`, with which they recompute each stage in the backward pass when it is on.
 - `last_metrics`: detached scalars of the latest forward (loss parts, codebook perplexity, ...),
-  for logging next to the loss the forward returns.
+  for `tokfleet eval`; `last_report`: the loss parts for the trainer (modeling/reports.py: means
+  weighted by the batch size; the quantisers report their code usage themselves).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
+
+from modeling import reports
+from modeling.reports import Reported
 
 
 def check_positive(config: object, *names: str) -> None:
@@ -42,7 +46,17 @@ class TokenizerModel(nn.Module):
         super().__init__()
         self.use_gradient_checkpointing = False
         self.last_metrics: dict[str, torch.Tensor] = {}
+        self._last_parts: dict[str, torch.Tensor] = {}
+        self._last_batch_size = 0
         self._flops_per_element: int | None = None
+
+    def keep_parts(self, parts: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Called by forward with the loss parts of its batch."""
+        self._last_parts, self._last_batch_size = parts, batch_size
+
+    @property
+    def last_report(self) -> dict[str, Reported]:
+        return {name: reports.mean(value, self._last_batch_size) for name, value in self._last_parts.items()}
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -236,6 +236,7 @@ class TotemVQVAE(TokenizerModel):
         if self.config.use_revin:  # compare before the affine map (module docstring)
             reconstruction, target = self.revin.undo_affine(reconstruction), self.revin.undo_affine(target)
         reconstruction_loss = F.mse_loss(reconstruction, target)
+        self.keep_parts({"reconstruction_mse": reconstruction_loss, "commitment": quantized.loss}, signal.shape[0])
         self.last_metrics = {
             "reconstruction_mse": reconstruction_loss.detach(),
             "commitment": quantized.loss.detach(),

@@ -506,6 +506,7 @@ class Vidtok(TokenizerModel):
         reconstruction = self.decoder(quantized.quantized)[:, :, -x.shape[2]:].float()
         loss, parts = self.loss_fn(reconstruction, x, quantized.loss)
         self.last_metrics = {**parts, "perplexity": quantized.perplexity, "codebook_utilization": quantized.utilization.detach()}
+        self.keep_parts(parts, x.shape[0])
         return loss
 
     @torch.no_grad()

@@ -24,9 +24,13 @@ from trainer.engines import build_engine, engine_device
 from trainer.host_memory import release_freed_memory, shards_parameters
 from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses, truncate_jsonl
 from trainer.preemption import PreemptionWatcher
+from trainer.reports import ReportWindow
+from trainer.run_plots import draw_run_plots
+from trainer.samples import TrainingSampler
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.token_tasks import RAW_KINDS, GridSource, GridTask, resolve_grid_args
 from trainer.weights import init_from_checkpoint
+from sharding import storage
 from sharding.token_grid import TokenGrid
 from sharding.loader import merge_states
 
@@ -121,6 +125,8 @@ class Trainer:
             self.to_batch, self.count_positions = TASK_BATCHES[self.spec.task], lambda fields, batch: num_tokens(fields)
         self.flops_per_token = model.num_flops_per_token()  # before ZeRO-3 partitions the parameters
         self.num_params = model.num_params()
+        self.reports = ReportWindow(model)  # what the model reports besides its loss (modeling/reports.py)
+        self.sampler = self._sampler(model) if cfg.eval.sample_every else None
         self.engine = build_engine(cfg, model, self.device, self.dist_env.world_size)
         assert self.engine.world_size == self.dist_env.world_size, (self.engine.world_size, self.dist_env.world_size)
 
@@ -146,7 +152,7 @@ class Trainer:
         # rank 0 the metrics and the logs of ranks this run does not have (resumed on fewer ranks)
         stale = [key_log] if key_log is not None else []
         if self.is_main:
-            stale.append(self.run_dir / "metrics.jsonl")
+            stale += [self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"]
             stale += [p for p in (self.run_dir / "logs").glob("sample_keys-rank*.jsonl")
                       if int(p.stem.rsplit("rank", 1)[1]) >= self.engine.world_size]
         for path in stale:
@@ -157,6 +163,16 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
 
     # ------------------------------------------------------------ checkpoint
+
+    def _sampler(self, model) -> TrainingSampler:
+        if self.spec.task not in ("causal_lm", "token_chunks") or self.grid_source is not None:
+            raise UserError(f"eval.sample_every: {self.cfg.model.name} on {self.cfg.data.dataset} writes no text samples "
+                            "(samples are for text models: gpt, TokCom)")
+        tokenizer = self.manifest.tokenizer.get("path")
+        if not tokenizer:
+            raise UserError(f"eval.sample_every: {self.cfg.data.dataset} ships no text tokenizer, so samples cannot be written as text")
+        return TrainingSampler(model, self.cfg, self.run_dir, storage.join(self.cfg.data.dataset, tokenizer),
+                               self.cfg.data.storage_options, self.device, self.is_main)
 
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -172,6 +188,7 @@ class Trainer:
                      "rank_states": distributed.all_gather_object(self.train_batches.state_dict())},
             "rng": distributed.all_gather_object(rng_state()),
             "loss_window": distributed.all_gather_object([float(loss) for loss in self.window_losses]),
+            "report_window": self.reports.state_dict(),
             "model": {"name": self.cfg.model.name, "flavor": self.cfg.model.flavor, "args": self.model_args},
             "token_grid": self.grid_source.describe() if self.grid_source is not None else None,
             "tokenizer": "tokenizer" if (self.run_dir / "tokenizer").is_dir() else None,
@@ -222,6 +239,7 @@ class Trainer:
         window = windows[self.engine.rank] if saved_world == self.engine.world_size else \
             [sum(losses) / len(losses) for losses in zip(*windows)]
         self.window_losses = [torch.tensor(loss, device=self.device) for loss in window]
+        self.reports.load_state_dict(state.get("report_window"), self.device)
 
     def _copy_tokenizer(self) -> None:
         target = self.run_dir / "tokenizer"
@@ -254,6 +272,7 @@ class Trainer:
             return None
         entropy = self.manifest.stats.get("unigram_entropy_nats")
         references = {"unigram entropy of the data": entropy} if entropy else None
+        draw_run_plots(self.run_dir, self.reports.latest_usage)
         return plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png", references)
 
     def _is_due(self, every: int) -> bool:
@@ -291,6 +310,7 @@ class Trainer:
                     batch = self.to_batch(fields, self.device)
                     step_tokens += self.count_positions(fields, batch) * self.engine.world_size  # every rank's micro-batch has this shape
                     losses.append(self.engine.forward_backward(batch, 1.0 / accum))
+                    self.reports.add()
                 grad_norm = self.engine.optimizer_step()
                 self.window_losses.append(torch.stack(losses).mean())
                 self.step += 1
@@ -309,7 +329,7 @@ class Trainer:
                         "grad_norm": grad_norm.item(), "tokens": self.tokens_seen, "samples": self.samples_seen,
                         "tokens_per_s": tokens_per_s, "world_size": self.engine.world_size,
                         "mfu": self.flops_per_token * tokens_per_s / (peak_flops * self.engine.world_size),
-                        "epoch": self.train_batches.epoch, **self.train_batches.num_skipped(),
+                        "epoch": self.train_batches.epoch, **self.train_batches.num_skipped(), **self.reports.reduce(),
                     }
                     if is_eval:
                         val_loss = self.evaluate()
@@ -317,8 +337,12 @@ class Trainer:
                             record["val_loss"] = val_loss
                     metrics.log(record)
                     last_record = record
+                    if is_eval and is_main:  # plots/ follows the run
+                        draw_run_plots(self.run_dir, self.reports.latest_usage)
                     progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
                     window_time, window_tokens, self.window_losses = 0.0, 0, []
+                if self.sampler is not None and self.sampler.is_due(self.step):
+                    metrics.log_samples(self.step, self.sampler.sample(self.step))
                 every = cfg.checkpoint.every_steps
                 # one process: after every step; several: at logging steps, where the ranks synchronise anyway
                 is_checked = self.engine.world_size == 1 or self._is_due(cfg.logging.every_steps)

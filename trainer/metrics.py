@@ -61,11 +61,28 @@ class MetricsLogger:
             raise OSError(error.errno, error.strerror, error.filename or str(self.path)) from None
         if self.wandb_run is not None:
             step = record["step"]
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            self.wandb_run.log({k: _wandb_value(v) for k, v in record.items() if k != "step"}, step=step)
+
+    def log_samples(self, step: int, lines: list[dict[str, Any]]) -> None:
+        """Samples of `step` (already in samples.jsonl) as a wandb table."""
+        if self.wandb_run is not None and lines:
+            from trainer.samples import wandb_table
+
+            self.wandb_run.log({"samples": wandb_table(lines)}, step=step)
 
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _wandb_value(value: Any) -> Any:
+    """A list (e.g. the MoE experts' load) as a wandb bar histogram over its entries; anything else as it is."""
+    if not isinstance(value, list):
+        return value
+    import numpy as np
+    import wandb
+
+    return wandb.Histogram(np_histogram=(np.asarray(value), np.arange(len(value) + 1)))
 
 
 def _wandb_id(run_dir: Path) -> str:

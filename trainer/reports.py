@@ -52,14 +52,34 @@ class ReportWindow:
             self.kinds[name] = reported.kind
             self.sums[name] = entry if name not in self.sums else self.sums[name] + entry
 
-    def reduce(self) -> dict[str, Any]:
-        """The figures since the last call, over every rank: a collective, called by every rank at the same steps."""
+    def _summed(self) -> tuple[list[str], list[int], np.ndarray]:
+        """(names, sizes, every rank's sums concatenated): one all-reduce (a collective)."""
         names = sorted(self.sums)
         if not names:
-            return {}
+            return [], [], np.zeros(0)
         sizes = [self.sums[name].numel() for name in names]
         flat = torch.cat([self.sums[name].reshape(-1) for name in names])
-        flat = distributed.all_reduce_sum(flat).cpu().numpy()
+        return names, sizes, distributed.all_reduce_sum(flat).cpu().numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums since the last record over every rank (a collective), for a checkpoint: a resumed run
+        logs at its next record what the uninterrupted run would, at any world size."""
+        names, sizes, flat = self._summed()
+        offsets = np.cumsum([0, *sizes])
+        return {name: [self.kinds[name], flat[offsets[i] : offsets[i + 1]].tolist()] for i, name in enumerate(names)}
+
+    def load_state_dict(self, state: dict[str, Any] | None, device: torch.device) -> None:
+        """Rank 0 takes the saved sums, the other ranks start from none (the record sums over ranks)."""
+        self.sums = {}
+        if not state or distributed.rank() != 0:
+            return
+        for name, (kind, values) in state.items():
+            self.kinds[name] = kind
+            self.sums[name] = torch.tensor(values, dtype=torch.float64, device=device)
+
+    def reduce(self) -> dict[str, Any]:
+        """The figures since the last call, over every rank: a collective, called by every rank at the same steps."""
+        names, sizes, flat = self._summed()
         self.sums = {}
         record: dict[str, Any] = {}
         offset = 0

@@ -1,0 +1,123 @@
+"""The plots of a run dir (`runs/NAME/plots/`), redrawn by rank 0 at each eval and at the end of a run:
+
+- `metrics.png`: every numeric series of metrics.jsonl (loss and its parts, val loss, lr, grad norm,
+  throughput, MFU, the model's own figures), one panel each, grouped by name;
+- `codebook.png` (tokenizers): per codebook (RVQ level) the code usage of the latest record, sorted,
+  and the active-code fraction and perplexity over steps;
+- `moe_load.png` (MoE models): the experts' share of tokens over steps as a heatmap, and the latest share.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.metrics import read_metrics
+
+NOT_SERIES = {"step", "world_size", "epoch"}  # bookkeeping, not curves
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def numeric_series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """name -> (steps, values) for every scalar number a record holds, in first-seen order."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        for name, value in record.items():
+            if name in NOT_SERIES or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            steps, values = series.setdefault(name, ([], []))
+            steps.append(record["step"])
+            values.append(float(value))
+    return series
+
+
+def draw_run_plots(run_dir: Path, latest_usage: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """Redraw the run's plots from its metrics.jsonl (and the latest usage histograms); the paths written."""
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    if not records:
+        return []
+    out = Path(run_dir) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [_metrics(records, out / "metrics.png")]
+    codebooks = sorted(name for name in (latest_usage or {}) if name.startswith("codebook/"))
+    if codebooks:
+        paths.append(_codebooks(records, {name: latest_usage[name] for name in codebooks}, out / "codebook.png"))
+    if any("moe/load" in record for record in records):
+        paths.append(_moe_load(records, out / "moe_load.png"))
+    return paths
+
+
+def _metrics(records: list[dict[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
+    series = numeric_series(records)
+    names = sorted(series, key=lambda n: (n.count("/"), n.split("/")[0] != "loss", n))  # loss parts first, then groups
+    columns = 3
+    rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        steps, values = series[name]
+        ax.plot(steps, values, "o-" if len(steps) < 30 else "-", markersize=3, linewidth=1)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        if name in ("tokens", "samples"):
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _codebooks(records: list[dict[str, Any]], usage: dict[str, np.ndarray], path: Path) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(usage), 2, figsize=(11, 2.8 * len(usage)), squeeze=False)
+    for (histogram_ax, time_ax), (name, histogram) in zip(axes, usage.items()):
+        share = np.sort(histogram)[::-1] / max(histogram.sum(), 1)
+        histogram_ax.bar(np.arange(len(share)), share, width=1.0, color="tab:blue")
+        used = int((histogram > 0).sum())
+        histogram_ax.set(title=f"{name}: usage at the latest record ({used} of {len(histogram)} codes)", xlabel="code (by use)",
+                         ylabel="share of vectors")
+        steps = [r["step"] for r in records if f"{name}_active" in r]
+        time_ax.plot(steps, [r[f"{name}_active"] for r in records if f"{name}_active" in r], color="tab:blue", label="active fraction")
+        time_ax.set(ylim=(0, 1.05), xlabel="step", ylabel="active fraction", title=f"{name} over training")
+        perplexity_ax = time_ax.twinx()
+        perplexity_ax.plot(steps, [r[f"{name}_perplexity"] for r in records if f"{name}_active" in r], color="tab:orange")
+        perplexity_ax.set_ylabel("perplexity", color="tab:orange")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _moe_load(records: list[dict[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
+    loads = [(r["step"], r["moe/load"]) for r in records if isinstance(r.get("moe/load"), list)]
+    steps = [step for step, _ in loads]
+    matrix = np.array([load for _, load in loads])  # (records, E)
+    fig, (heat_ax, last_ax) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 1]})
+    image = heat_ax.imshow(matrix.T, aspect="auto", cmap="viridis", interpolation="nearest",
+                           extent=(steps[0] - 0.5, steps[-1] + 0.5, matrix.shape[1] - 0.5, -0.5))
+    fig.colorbar(image, ax=heat_ax, label="share of tokens")
+    heat_ax.set(xlabel="step", ylabel="expert", title="MoE expert load (all layers)")
+    last_ax.bar(np.arange(matrix.shape[1]), matrix[-1])
+    last_ax.axhline(1 / matrix.shape[1], color="gray", linestyle="--", linewidth=0.8, label="balanced")
+    last_ax.set(xlabel="expert", title=f"step {steps[-1]}")
+    last_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
