@@ -168,7 +168,8 @@ def test_tokenizer_run_logs_loss_parts_and_codebook_use(tmp_path):
         assert record["codebook/l0_revived"] >= 0
     assert records[0]["codebook/l0_revived"] > 0  # the first batch revives the unused codes of a fresh codebook
     plots = tmp_path / "totem" / "plots"
-    assert {p.name for p in plots.iterdir()} >= {"metrics.png", "codebook.png", "loss.png"}
+    assert {p.name for p in plots.iterdir()} >= {"metrics.png", "codebook.png", "loss.png", "reconstruction.png"}
+    assert (plots / "reconstruction.png").stat().st_size > 10000
 
 
 # ------------------------------------------------------------------ samples during training

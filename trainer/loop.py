@@ -25,7 +25,7 @@ from trainer.host_memory import release_freed_memory, shards_parameters
 from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses, truncate_jsonl
 from trainer.preemption import PreemptionWatcher
 from trainer.reports import ReportWindow
-from trainer.run_plots import draw_run_plots
+from trainer.run_plots import draw_reconstruction, draw_run_plots
 from trainer.samples import TrainingSampler
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.token_tasks import RAW_KINDS, GridSource, GridTask, resolve_grid_args
@@ -34,6 +34,7 @@ from sharding import storage
 from sharding.token_grid import TokenGrid
 from sharding.loader import merge_states
 
+RECONSTRUCTION_TASKS = ("signal_reconstruction", "video_reconstruction")
 log = logging.getLogger("tokfleet.trainer")
 
 
@@ -126,6 +127,7 @@ class Trainer:
         self.flops_per_token = model.num_flops_per_token()  # before ZeRO-3 partitions the parameters
         self.num_params = model.num_params()
         self.reports = ReportWindow(model)  # what the model reports besides its loss (modeling/reports.py)
+        self.model = model  # the module itself (the engine may wrap it): reconstructions and samples
         self.sampler = self._sampler(model) if cfg.eval.sample_every else None
         self.engine = build_engine(cfg, model, self.device, self.dist_env.world_size)
         assert self.engine.world_size == self.dist_env.world_size, (self.engine.world_size, self.dist_env.world_size)
@@ -264,7 +266,25 @@ class Trainer:
         if not batches:
             return None
         losses = [self.engine.eval_loss(self.to_batch(b, self.device)) for b in batches]
+        if self.spec.task in RECONSTRUCTION_TASKS and self.grid_source is None:
+            self._plot_reconstruction(self.to_batch(batches[0], self.device))
         return distributed.all_reduce_mean(torch.stack(losses).mean()).item()
+
+    def _plot_reconstruction(self, inputs: dict[str, torch.Tensor]) -> None:
+        """plots/reconstruction.png: a tokenizer's input vs its reconstruction for one validation sample.
+        Every rank runs the model (ZeRO-3 / FSDP gather parameters in each forward); rank 0 draws."""
+        from trainer.tokenizer_runner import TokenizerRunner
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            decoded = TokenizerRunner.for_model(self.model, self.cfg.model.name, self.device).reconstruct(inputs)
+        finally:
+            self.model.train(was_training)
+        if self.is_main:
+            shape = inputs["video"].shape if "video" in inputs else None  # (B, T, H, W, 3)
+            draw_reconstruction(decoded.target[0], decoded.reconstruction[0], self.run_dir / "plots" / "reconstruction.png",
+                                video_shape=None if shape is None else tuple(shape[1:4]), step=self.step)
 
     def plot(self) -> Path | None:
         """plots/loss.png from metrics.jsonl, with the data's unigram entropy as a reference level."""

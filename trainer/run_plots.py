@@ -121,3 +121,38 @@ def _moe_load(records: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def draw_reconstruction(target, reconstruction, path: Path, video_shape: tuple[int, int, int] | None = None,
+                        step: int = 0, num_channels: int = 4, num_frames: int = 6) -> Path:
+    """A tokenizer's input vs reconstruction for one sample: signals (S, N) as a few channels over time;
+    video (3, T*H*W) with video_shape (T, H, W) as rows of frames (input above, reconstruction below)."""
+    plt = _pyplot()
+    target, reconstruction = target.detach().float().cpu().numpy(), reconstruction.detach().float().cpu().numpy()
+    if video_shape is None:
+        shown = min(num_channels, target.shape[0])
+        fig, axes = plt.subplots(shown, 1, figsize=(10, 1.8 * shown), squeeze=False, sharex=True)
+        for channel, ax in enumerate(axes[:, 0]):
+            ax.plot(target[channel], color="black", linewidth=0.9, label="input")
+            ax.plot(reconstruction[channel], color="tab:orange", linewidth=0.9, label="reconstruction")
+            ax.set_ylabel(f"ch {channel}")
+        axes[0, 0].legend(loc="upper right", fontsize=8)
+        axes[0, 0].set_title(f"step {step}: a validation window and its reconstruction")
+        axes[-1, 0].set_xlabel("sample")
+    else:
+        frames, height, width = video_shape
+        picks = np.linspace(0, frames - 1, min(num_frames, frames)).round().astype(int)
+        fig, axes = plt.subplots(2, len(picks), figsize=(1.8 * len(picks), 4), squeeze=False)
+        for row, clip in enumerate((target, reconstruction)):
+            images = np.clip((clip.reshape(3, frames, height, width).transpose(1, 2, 3, 0) + 1) / 2, 0, 1)
+            for column, frame in enumerate(picks):
+                axes[row, column].imshow(images[frame])
+                axes[row, column].set_xticks([]), axes[row, column].set_yticks([])
+                axes[0, column].set_title(f"frame {frame}", fontsize=8)
+            axes[row, 0].set_ylabel(("input", "reconstruction")[row])
+        fig.suptitle(f"step {step}: a validation clip and its reconstruction")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -182,6 +182,21 @@ class TokenizerRunner:
         self.task = get_model_spec(info.name).task
         self.field_name = "signal" if info.input_kind == "meg_windows" else "video"
 
+    @classmethod
+    def for_model(cls, model: nn.Module, name: str, device: torch.device) -> TokenizerRunner:
+        """A runner around a model being trained (plots during training): no checkpoint behind it."""
+        runner = cls.__new__(cls)
+        runner.info = TokenizerInfo(name, "", {}, Path("."), 0, "", model)
+        runner.device, runner.model = torch.device(device), model
+        runner.task = get_model_spec(name).task
+        runner.field_name = "signal" if runner.info.input_kind == "meg_windows" else "video"
+        return runner
+
+    @torch.no_grad()
+    def reconstruct(self, inputs: dict[str, torch.Tensor]) -> Decoded:
+        """Codes and reconstruction of a batch of model inputs (trainer/data.py TASK_BATCHES)."""
+        return self._run_inputs(inputs, decode=True)
+
     def _inputs(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return TASK_BATCHES[self.task](collate(samples), self.device)
 
@@ -229,11 +244,13 @@ class TokenizerRunner:
         return model.decode(codes)
 
     def _run(self, samples: list[dict[str, Any]], decode: bool) -> Decoded:
+        return self._run_inputs(self._inputs(samples), decode)
+
+    def _run_inputs(self, inputs: dict[str, torch.Tensor], decode: bool) -> Decoded:
         from sharding.shards import token_dtype
 
-        inputs = self._inputs(samples)
         codes, stats = self.encode(inputs)
-        extra: list[dict[str, np.ndarray]] = [{} for _ in samples]
+        extra: list[dict[str, np.ndarray]] = [{} for _ in range(codes.shape[0])]
         for name, values in stats.items():
             for item, value in zip(extra, values.cpu().numpy()):
                 item[name] = value
