@@ -17,17 +17,27 @@ from launch.schema import ConfigError, apply_overrides, check_bounds, from_dict,
 
 # ---------------------------------------------------------------- train config
 
+DEFAULT_MAX_STEPS = 1000  # a run's length when neither run.max_steps nor run.max_epochs is set
+
 
 @dataclass
 class RunConfig:
     name: str = option("run", "run name, used for logging")
     output_dir: str = option("runs/default", "run directory: config, metrics, checkpoints, plots, logs")
     seed: int = option(1234, "seed for model init, data order and sampling", bound="[0, 2**63)")
-    max_steps: int = option(1000, "optimizer steps to train for (sets the LR schedule length)", bound=">= 1")
+    max_steps: int | None = option(None, f"optimizer steps to train for (sets the LR schedule length); empty: {DEFAULT_MAX_STEPS}, "
+                                         "or what run.max_epochs comes to", bound=">= 1")
+    max_epochs: int | None = option(None, "train for this many passes over the train split instead of run.max_steps: "
+                                          "ceil(epochs x train samples / global batch) steps, recomputed on resume", bound=">= 1")
     device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "single-device engine device; auto picks cuda > mps > cpu")
 
     def __post_init__(self):
         check_bounds(self, "run")
+        if self.max_steps is not None and self.max_epochs is not None:
+            raise ConfigError(f"run.max_steps ({self.max_steps}) and run.max_epochs ({self.max_epochs}) are both set: a run's length "
+                              "is one of them (unset the other, e.g. --set run.max_steps=null)", key="run.max_epochs")
+        if self.max_steps is None and self.max_epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
 
 
 @dataclass

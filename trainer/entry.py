@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> dict | None:
         watcher.close()
     is_main = summary.get("plot") is not None  # rank 0 only
     if is_main:
-        print(json.dumps({k: summary[k] for k in ("step", "finished", "checkpoint", "run_dir")}), file=sys.stderr)
+        print(json.dumps({k: summary[k] for k in ("step", "max_steps", "epochs", "finished", "checkpoint", "run_dir")}), file=sys.stderr)
     if summary.get("interrupted"):  # Ctrl-C: the loop checkpointed after the step it was in
         if is_main:
             saved = f"checkpointed step {summary['step']} in {summary['run_dir']}" if summary.get("saved_at_stop") else \

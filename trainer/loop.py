@@ -23,6 +23,7 @@ from trainer import distributed
 from trainer.engines import build_engine, engine_device
 from trainer.host_memory import release_freed_memory, shards_parameters
 from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses, truncate_jsonl
+from trainer.optim import schedule_span
 from trainer.preemption import PreemptionWatcher
 from trainer.reports import ReportWindow
 from trainer.run_plots import draw_reconstruction, draw_run_plots
@@ -126,10 +127,21 @@ class Trainer:
             self.to_batch, self.count_positions = TASK_BATCHES[self.spec.task], lambda fields, batch: num_tokens(fields)
         self.flops_per_token = model.num_flops_per_token()  # before ZeRO-3 partitions the parameters
         self.num_params = model.num_params()
+        # run.max_epochs: the steps left are counted from the samples left, at this run's global batch
+        resumed = read_trainer_state(resume_from) if resume_from is not None else {"step": 0, "samples": 0}
+        self.num_train_samples = self.manifest.num_samples(cfg.data.train_split)
+        self.schedule = schedule_span(cfg.run, cfg.optim, self.num_train_samples, self.dist_env.world_size,
+                                      resumed["step"], resumed["samples"])
+        self.max_steps = self.schedule.max_steps
+        if self.is_main and cfg.run.max_epochs is not None:
+            at = f"; LR schedule at step {resumed['step'] + self.schedule.offset:g} of {self.max_steps + self.schedule.offset:g}"
+            log.info("run.max_epochs %d x %d train samples (%d seen) in global batches of %d x %d x %d ranks -> max_steps %d%s",
+                     cfg.run.max_epochs, self.num_train_samples, resumed["samples"], cfg.optim.micro_batch_size,
+                     cfg.optim.grad_accum_steps, self.dist_env.world_size, self.max_steps, at if self.schedule.offset else "")
         self.reports = ReportWindow(model)  # what the model reports besides its loss (modeling/reports.py)
         self.model = model  # the module itself (the engine may wrap it): reconstructions and samples
         self.sampler = self._sampler(model) if cfg.eval.sample_every else None
-        self.engine = build_engine(cfg, model, self.device, self.dist_env.world_size)
+        self.engine = build_engine(cfg, model, self.device, self.dist_env.world_size, self.schedule)
         assert self.engine.world_size == self.dist_env.world_size, (self.engine.world_size, self.dist_env.world_size)
 
         key_log = self.run_dir / "logs" / f"sample_keys-rank{self.engine.rank}.jsonl" if cfg.data.log_sample_keys else None
@@ -148,7 +160,7 @@ class Trainer:
         # run logs the same mean at the next logging step as the uninterrupted run
         self.window_losses: list[torch.Tensor] = []
         if resume_from is not None:
-            self._load(resume_from)
+            self._load(resume_from, resumed)
         # records after the checkpoint (all of them on a fresh start) belong to a run that did not save
         # them: each rank empties its own key log (another rank may already be writing its next steps),
         # rank 0 the metrics and the logs of ranks this run does not have (resumed on fewer ranks)
@@ -179,6 +191,8 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "max_steps": self.max_steps,  # resolved: run.max_steps, or what run.max_epochs comes to
+            "epochs": self.epochs_seen(),
             "tokens": self.tokens_seen,
             "samples": self.samples_seen,
             "world_size": self.engine.world_size,
@@ -200,8 +214,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return self.checkpoints.save(self.step, self.engine.save_checkpoint, self.trainer_state())
 
-    def _load(self, directory: Path) -> None:
-        state = read_trainer_state(directory)
+    def _load(self, directory: Path, state: dict[str, Any]) -> None:
+        """Resume from checkpoint `directory`, whose trainer state is `state`."""
         saved = state["model"]
         if saved["name"] == self.cfg.model.name:  # fields added since it was saved take their defaults
             saved = {**saved, "args": saved_model_args(saved)}
@@ -295,20 +309,24 @@ class Trainer:
         draw_run_plots(self.run_dir, self.reports.latest_usage)
         return plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png", references)
 
+    def epochs_seen(self) -> float:
+        """Passes over the train split trained on: samples seen / train samples."""
+        return round(self.samples_seen / max(1, self.num_train_samples), 6)
+
     def _is_due(self, every: int) -> bool:
-        return self.step == self.cfg.run.max_steps or (every > 0 and self.step % every == 0)
+        return self.step == self.max_steps or (every > 0 and self.step % every == 0)
 
     def train(self, preemption: PreemptionWatcher | None = None) -> dict[str, Any]:
-        """Train to run.max_steps (or --stop-at-step, or a stop signal); `preemption`: a watcher installed
+        """Train to max_steps (or --stop-at-step, or a stop signal); `preemption`: a watcher installed
         by the caller (`tokfleet train` installs one before anything loads), else one for this loop."""
         cfg = self.cfg
         is_main = self.is_main
         peak_flops = cfg.engine.peak_flops or measure_peak_flops(self.device)
         metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name, public_dict(cfg), is_main)
         accum = cfg.optim.grad_accum_steps
-        last_stop = self.stop_at_step if self.stop_at_step is not None else cfg.run.max_steps
-        last_stop = min(last_stop, cfg.run.max_steps)
-        progress = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", unit="step",
+        last_stop = self.stop_at_step if self.stop_at_step is not None else self.max_steps
+        last_stop = min(last_stop, self.max_steps)
+        progress = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step",
                         disable=True if not (cfg.logging.progress and is_main) else None,  # None: only on a terminal
                         dynamic_ncols=True)
         window_time, window_tokens = 0.0, 0
@@ -349,7 +367,8 @@ class Trainer:
                         "grad_norm": grad_norm.item(), "tokens": self.tokens_seen, "samples": self.samples_seen,
                         "tokens_per_s": tokens_per_s, "world_size": self.engine.world_size,
                         "mfu": self.flops_per_token * tokens_per_s / (peak_flops * self.engine.world_size),
-                        "epoch": self.train_batches.epoch, **self.train_batches.num_skipped(), **self.reports.reduce(),
+                        "epoch": self.train_batches.epoch, "epochs": self.epochs_seen(), **self.train_batches.num_skipped(),
+                        **self.reports.reduce(),
                     }
                     if is_eval:
                         val_loss = self.evaluate()
@@ -361,14 +380,14 @@ class Trainer:
                         draw_run_plots(self.run_dir, self.reports.latest_usage)
                     progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
                     window_time, window_tokens, self.window_losses = 0.0, 0, []
-                if self.sampler is not None and self.sampler.is_due(self.step):
+                if self.sampler is not None and self.sampler.is_due(self.step, self.max_steps):
                     metrics.log_samples(self.step, self.sampler.sample(self.step))
                 every = cfg.checkpoint.every_steps
                 # one process: after every step; several: at logging steps, where the ranks synchronise anyway
                 is_checked = self.engine.world_size == 1 or self._is_due(cfg.logging.every_steps)
                 is_preempted = self.step < last_stop and is_checked and preemption.should_stop()
                 if (every > 0 and self.step % every == 0) or self.step == self.stop_at_step \
-                        or (self.step == cfg.run.max_steps and cfg.checkpoint.save_final) or is_preempted:
+                        or (self.step == self.max_steps and cfg.checkpoint.save_final) or is_preempted:
                     last_checkpoint = self.save_checkpoint()
                 if is_preempted:
                     if not preemption.is_interrupted:
@@ -380,7 +399,8 @@ class Trainer:
             progress.close()
             metrics.close()
         return {
-            "step": self.step, "finished": self.step >= cfg.run.max_steps, "preempted": is_preempted, "run_dir": str(self.run_dir),
+            "step": self.step, "finished": self.step >= self.max_steps, "preempted": is_preempted, "run_dir": str(self.run_dir),
+            "max_steps": self.max_steps, "epoch": self.train_batches.epoch, "epochs": self.epochs_seen(),
             "interrupted": preemption.is_interrupted,  # Ctrl-C (even one that came during the last checkpoint)
             "saved_at_stop": last_checkpoint is not None and last_checkpoint.name == step_dir_name(self.step),
             "checkpoint": str(last_checkpoint or self.checkpoints.latest() or ""),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from launch.config import OptimConfig
+from launch.config import OptimConfig, RunConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -31,7 +32,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+def lr_factor(step: float, cfg: OptimConfig, max_steps: float) -> float:
     """LR multiplier for optimizer step `step` (0-based): linear warmup, then cosine or constant."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -43,5 +44,31 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
+@dataclass(frozen=True)
+class ScheduleSpan:
+    """A run that ends after optimizer step `max_steps`, and its LR schedule: step s (the scheduler's count,
+    restored from a checkpoint) is position s + `offset` of a schedule max_steps + offset long, so the
+    schedule always ends at the run's last step. `offset` is 0 except for a run.max_epochs run resumed
+    with another global batch: it puts the resumed step at the fraction of the samples already seen."""
+
+    max_steps: int
+    offset: float = 0.0
+
+
+def schedule_span(run: RunConfig, optim: OptimConfig, num_train_samples: int, world_size: int,
+                  step: int = 0, samples_seen: int = 0) -> ScheduleSpan:
+    """run.max_steps as it is, or run.max_epochs in optimizer steps of this run's global batch
+    (micro_batch_size x grad_accum_steps x world_size): the steps done (`step`, having trained on
+    `samples_seen` samples) plus ceil(samples still to see / global batch). On a resume the schedule
+    continues as if the whole run had had this global batch (see ScheduleSpan)."""
+    if run.max_epochs is None:
+        return ScheduleSpan(run.max_steps)
+    global_batch = optim.micro_batch_size * optim.grad_accum_steps * world_size
+    num_left = max(0, run.max_epochs * num_train_samples - samples_seen)
+    return ScheduleSpan(step + math.ceil(num_left / global_batch), samples_seen / global_batch - step)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int | ScheduleSpan):
+    """LambdaLR over `max_steps` optimizer steps, or over a ScheduleSpan (an engine passes on what it was given)."""
+    span = max_steps if isinstance(max_steps, ScheduleSpan) else ScheduleSpan(max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step + span.offset, cfg, span.max_steps + span.offset))

@@ -33,9 +33,9 @@ class TrainingSampler:
         self.path = Path(run_dir) / "samples.jsonl"
         self.tokenizer, self.eos_id = load_tokenizer(tokenizer_url, storage_options)
 
-    def is_due(self, step: int) -> bool:
+    def is_due(self, step: int, last_step: int) -> bool:
         every = self.cfg.eval.sample_every
-        return every > 0 and (step % every == 0 or step == self.cfg.run.max_steps)
+        return every > 0 and (step % every == 0 or step == last_step)
 
     @torch.no_grad()
     def sample(self, step: int) -> list[dict[str, Any]]:

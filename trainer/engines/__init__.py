@@ -19,6 +19,7 @@ from launch.config import TrainConfig
 from launch.errors import UserError
 from trainer.distributed import DistEnv
 from trainer.engines.single import pick_device
+from trainer.optim import ScheduleSpan
 
 
 def engine_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
@@ -51,17 +52,19 @@ def _pick_engine_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def build_engine(cfg: TrainConfig, model: nn.Module, device: torch.device, world_size: int):
+def build_engine(cfg: TrainConfig, model: nn.Module, device: torch.device, world_size: int, schedule: ScheduleSpan):
+    """The engine of cfg.engine; `schedule` (the run's resolved length, see trainer/optim.py) is what
+    each engine's `max_steps` receives and hands to build_scheduler."""
     if cfg.engine.kind == "single":
         from trainer.engines.single import SingleDeviceEngine
 
-        return SingleDeviceEngine(model, cfg.optim, cfg.engine, cfg.run.max_steps, device)
+        return SingleDeviceEngine(model, cfg.optim, cfg.engine, schedule, device)
     if cfg.engine.kind == "deepspeed":
         from trainer.engines.deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, cfg.optim, cfg.engine, cfg.run.max_steps, device, world_size)
+        return DeepSpeedEngine(model, cfg.optim, cfg.engine, schedule, device, world_size)
     if cfg.engine.kind == "accelerate":
         from trainer.engines.accelerate import build_accelerate_engine
 
-        return build_accelerate_engine(model, cfg.optim, cfg.engine, cfg.run.max_steps, device, world_size)
+        return build_accelerate_engine(model, cfg.optim, cfg.engine, schedule, device, world_size)
     raise AssertionError(f"unknown engine kind {cfg.engine.kind!r}")  # the config schema admits no other
