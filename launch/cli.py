@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from launch.errors import UserError, exit_on_user_error, stop_at_once
+from launch.errors import UserError, exit_on_missing_package, exit_on_user_error, stop_at_once
 from launch.schema import bound_text, within
 
 DESCRIPTION = """tokfleet: train token-based generative models (text, MEG/EEG, video) from one
@@ -578,11 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    is_debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        args.func(args)
+        with exit_on_missing_package(f"tokfleet {args.command}", is_debug):  # an extra's package (deepspeed, mne, ...)
+            args.func(args)
     except KeyboardInterrupt:  # Ctrl-C where no command handles it (start-up, loading): one line, no traceback
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
+        if is_debug:
             raise
         stop_at_once("tokfleet: interrupted")  # at once: a second Ctrl-C during a normal exit would end it by the signal
 

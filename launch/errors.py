@@ -8,6 +8,16 @@ import os
 import sys
 
 LOW_SPACE_BYTES = 64 << 20  # a write failing with less than this free is taken for a full disk
+# the top-level modules of pyproject.toml's optional extras -> (distribution, extra); tests/test_packaging.py keeps them in step
+OPTIONAL_MODULES = {
+    "s3fs": ("s3fs", "s3"),
+    "deepspeed": ("deepspeed", "distributed"),
+    "accelerate": ("accelerate", "distributed"),
+    "mne": ("mne", "meg"),
+    "edfio": ("edfio", "meg"),
+    "av": ("av", "video"),
+    "skvideo": ("scikit-video", "video"),
+}
 
 
 class UserError(ValueError):
@@ -64,4 +74,31 @@ def exit_on_user_error(debug: bool = False, program: str = "tokfleet"):
         if debug:
             raise
         print(f"{program}: error: {os_error_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def missing_optional_module(error: BaseException | None) -> str | None:
+    """The optional module (OPTIONAL_MODULES) that `error` says is not installed, or that it was raised from
+    (fsspec turns a missing s3fs into its own ImportError); None for any other error (a submodule missing
+    from an installed package is a version problem, not a missing package)."""
+    while error is not None:
+        if isinstance(error, ModuleNotFoundError) and error.name in OPTIONAL_MODULES:
+            return error.name
+        error = error.__cause__
+    return None
+
+
+@contextlib.contextmanager
+def exit_on_missing_package(command: str, debug: bool = False):
+    """An optional package that is not installed ends `command` with one line naming it and its extra, exit 2.
+    Imports of optional packages stay lazy, so this wraps a whole command, not each import."""
+    try:
+        yield
+    except ImportError as error:
+        module = missing_optional_module(error)
+        if module is None or debug:
+            raise
+        distribution, extra = OPTIONAL_MODULES[module]
+        print(f"tokfleet: error: `{command}` needs {distribution}, which is not installed: pip install 'tokfleet[{extra}]'",
+              file=sys.stderr)
         sys.exit(2)

@@ -87,9 +87,13 @@ class FlatGPTConfig(MoEFields):
     embedding_corruption_p_levels: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1], metadata={
         "help": "FlatGPTEmbedsRVQ: corruption probability per RVQ level (one value or one per level)"})
     use_gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each backbone layer in the backward pass"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the backbone's attention weights while training (its HF "
+                                                          "attention_dropout); 0: none"})
 
     def __post_init__(self):
         backbone_spec(self.trf_class)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.check_moe(self.trf_args.get("num_hidden_layers", 0))
         if self.hidden_size < 1 or self.vocab_size < 2:
             raise ValueError(f"hidden_size must be >= 1 and vocab_size >= 2, got {self.hidden_size} and {self.vocab_size}")
@@ -120,7 +124,7 @@ class FlatGPTConfig(MoEFields):
         if self.mix_method not in MIX_METHODS:
             raise ValueError(f"mix_method must be one of {MIX_METHODS}, got {self.mix_method!r}")
         backbone_config(self.trf_class, self.trf_args, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
-                        num_positions=1)  # checks trf_args now; the position budget is checked at build
+                        num_positions=1, attention_dropout=self.dropout)  # checks trf_args now; the position budget at build
 
     @property
     def spatial_reduction_hw(self) -> tuple[int, int]:
@@ -165,8 +169,8 @@ class FlatGPT(nn.Module):
             raise ValueError(f"tok_class {config.tok_class!r} does not fit {name}; use one of {self.tokenizers}")
         self.config = config
         self._set_grid(self._grid_layout(list(config.input_shape), config.sequence_len))
-        hf_config = backbone_config(config.trf_class, config.trf_args, hidden_size=config.hidden_size,
-                                    vocab_size=config.vocab_size, num_positions=self._num_position_ids(self.rope_shape))
+        hf_config = backbone_config(config.trf_class, config.trf_args, hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+                                    num_positions=self._num_position_ids(self.rope_shape), attention_dropout=config.dropout)
         self.backbone = HFBackbone(config.trf_class, hf_config)
         for index in config.moe_block_indices(hf_config.num_hidden_layers):
             self.backbone.use_moe_mlp(index, config.moe_config("swiglu"))

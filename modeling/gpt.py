@@ -5,10 +5,12 @@ Architecture (after karpathy/nanochat's gpt.py):
 - parameter-free RMSNorm: after the token embedding, before attention and MLP (pre-norm),
   on the final hidden state, and on q and k after rotary (QK norm)
 - grouped-query attention (n_kv_head divides n_head), causal, via scaled_dot_product_attention
-- ReLU^2 MLP of width 4 * n_embd, or in the blocks `moe_layers` names (when moe_num_experts > 0) a
-  top-k routed mixture of such MLPs (modeling/moe.py); the training loss then includes the
-  weighted load-balancing loss
+- ReLU^2 MLP of width mlp_ratio * n_embd (4 * n_embd by default), or in the blocks `moe_layers` names
+  (when moe_num_experts > 0) a top-k routed mixture of such MLPs (modeling/moe.py); the training loss
+  then includes the weighted load-balancing loss
 - no biases; token embedding and lm_head untied
+- dropout (nanoGPT's three places, 0 by default): on the normed token embeddings (embd_dropout), on the
+  attention weights (attn_dropout) and on each block's attention and MLP outputs (resid_dropout)
 - a preallocated KV cache for generation
 
 Shapes: B batch, T tokens in this call, D = n_embd, H = n_head, K = n_kv_head, Dh = head_dim,
@@ -27,6 +29,8 @@ from modeling.layers import RMSNorm, RotaryEmbedding, apply_rotary, sample_token
 from modeling.moe import MoEFields, MoEMLP, moe_aux_loss, num_idle_expert_params
 from modeling.registry import ModelSpec, register_model
 
+DROPOUTS = ("dropout", "attn_dropout", "resid_dropout", "embd_dropout")  # the three places take `dropout` when unset
+
 
 @dataclass(frozen=True)
 class GPTConfig(MoEFields):
@@ -41,15 +45,29 @@ class GPTConfig(MoEFields):
     )
     dropout: float = field(
         default=0.0, metadata={"help": "training-time dropout on the embeddings, attention weights and each block's "
-                                       "residual branches (the seed's NanoGPT, TOTEM stage 2: 0.1); 0: none"}
+                                       "residual branches (the seed's NanoGPT, TOTEM stage 2: 0.1); 0: none. "
+                                       "attn_dropout, resid_dropout and embd_dropout set one place each"}
     )
+    attn_dropout: float | None = field(default=None, metadata={"help": "dropout on the attention weights; empty: dropout"})
+    resid_dropout: float | None = field(
+        default=None, metadata={"help": "dropout on each block's attention and MLP outputs, before they join the residual "
+                                        "stream; empty: dropout"}
+    )
+    embd_dropout: float | None = field(default=None, metadata={"help": "dropout on the (normed) token embeddings; empty: dropout"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP width = mlp_ratio x n_embd (each MoE expert's too)"})
 
     def __post_init__(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in DROPOUTS:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.dropout)  # recorded resolved in the checkpoint
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        width = self.mlp_ratio * self.n_embd
+        if width < 1 or abs(width - round(width)) > 1e-6:
+            raise ValueError(f"mlp_ratio x n_embd must be a whole width >= 1, got {self.mlp_ratio} x {self.n_embd} = {width:g}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head != 0:
@@ -61,6 +79,10 @@ class GPTConfig(MoEFields):
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        return round(self.mlp_ratio * self.n_embd)
 
 
 class KVCache:
@@ -120,8 +142,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.q_norm = RMSNorm()
         self.k_norm = RMSNorm()
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = config.attn_dropout  # a probability: scaled_dot_product_attention applies it
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
@@ -145,7 +167,7 @@ class CausalSelfAttention(nn.Module):
         use_gqa = self.num_kv_heads != self.num_heads
         if num_cached == 0:
             # Training, or a prefill into an empty cache: plain causal attention.
-            dropout_p = self.dropout if self.training else 0.0
+            dropout_p = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=use_gqa)
         elif T == 1:
             # One new token: it may see every cached position, so no mask.
@@ -164,22 +186,22 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden_size, bias=False)
+        self.c_proj = nn.Linear(config.mlp_hidden_size, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())  # (B, T, 4D) inside
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # (B, T, mlp_ratio * D) inside
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.mlp_dropout = nn.Dropout(config.dropout)
+        self.mlp_dropout = nn.Dropout(config.resid_dropout)
         self.attn_norm = RMSNorm()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp_norm = RMSNorm()
         if layer_idx in config.moe_block_indices(config.n_layer):
-            self.mlp = MoEMLP(config.n_embd, 4 * config.n_embd, config.moe_config("relu2"))  # experts as wide as the dense MLP
+            self.mlp = MoEMLP(config.n_embd, config.mlp_hidden_size, config.moe_config("relu2"))  # experts as wide as the dense MLP
         else:
             self.mlp = MLP(config)
 
@@ -198,7 +220,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.embedding_norm = RMSNorm()
-        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = nn.Dropout(config.embd_dropout)
         self.blocks = nn.ModuleList(Block(config, layer_idx) for layer_idx in range(config.n_layer))
         self.final_norm = RMSNorm()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -222,7 +244,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.attn.c_proj.weight)
             if isinstance(block.mlp, MoEMLP):
-                # as the dense MLP: input matrices like c_fc (fan_in D, fan_out 4D), outputs zero
+                # as the dense MLP: input matrices like c_fc (fan_in D, fan_out mlp_ratio D), outputs zero
                 block.mlp.init_weights(in_std=1.0 / math.sqrt(self.config.n_embd), out_std=0.0)
             else:
                 nn.init.zeros_(block.mlp.c_proj.weight)

@@ -47,7 +47,7 @@ class BackboneSpec:
 # Values every backbone gets unless trf_args overrides them. No special token ids: the
 # vocabulary is the tokenizer's codes, and HF warns about ids outside it.
 COMMON_DEFAULTS = dict(
-    hidden_act="silu", initializer_range=0.02, rms_norm_eps=1e-6, attention_dropout=0.0,
+    hidden_act="silu", initializer_range=0.02, rms_norm_eps=1e-6,
     bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=True, rope_theta=10000.0,
 )
 
@@ -108,7 +108,7 @@ def default_mrope_section(trf_class: str, half_head_dim: int) -> list[int]:
 
 
 def backbone_config(trf_class: str, trf_args: dict, *, hidden_size: int, vocab_size: int,
-                    num_positions: int) -> Any:
+                    num_positions: int, attention_dropout: float = 0.0) -> Any:
     """The HF config of `trf_class` with `trf_args` on top of the defaults; errors name the key.
 
     trf_args holds HF config fields (num_hidden_layers, num_attention_heads, num_key_value_heads,
@@ -116,21 +116,22 @@ def backbone_config(trf_class: str, trf_args: dict, *, hidden_size: int, vocab_s
     (mrope backbones: frequency pairs per t/h/w axis, summing to head_dim / 2) and
     `rope_parameters` (extra HF rope settings, e.g. a scaling type). `num_positions` is one more
     than the largest position id the caller will use; max_position_embeddings defaults to it and
-    may not be smaller.
+    may not be smaller. `attention_dropout` is the HF field of that name (the model's `dropout`).
     """
     spec = backbone_spec(trf_class)
     config_cls = _import(spec, "configuration", spec.config_cls)
     config_fields = {f.name for f in dataclasses.fields(config_cls)}
-    valid = (config_fields | set(ROPE_KEYS)) - {"hidden_size", "vocab_size"}
+    own_fields = {"hidden_size": "hidden_size", "vocab_size": "vocab_size", "attention_dropout": "dropout"}  # HF -> ours
+    valid = (config_fields | set(ROPE_KEYS)) - set(own_fields)
     for key in trf_args:
-        if key in ("hidden_size", "vocab_size"):
-            raise ValueError(f"trf_args.{key}: set the model's own {key} field instead (the backbone gets it from there)")
+        if key in own_fields:
+            raise ValueError(f"trf_args.{key}: set the model's own {own_fields[key]} field instead (the backbone gets it from there)")
         if key not in valid:
             raise ValueError(f"trf_args: unknown key {key!r} for trf_class {trf_class!r}.{_nearest(key, valid)}")
     for key in REQUIRED_KEYS:
         if key not in trf_args:
             raise ValueError(f"trf_args.{key} is required (the HF default describes a multi-billion-parameter model)")
-    args = {**COMMON_DEFAULTS, **spec.defaults, **trf_args}
+    args = {**COMMON_DEFAULTS, **spec.defaults, **trf_args, "attention_dropout": attention_dropout}
     args = {key: value for key, value in args.items() if key in config_fields or key in ROPE_KEYS}
 
     num_heads = args["num_attention_heads"]

@@ -81,8 +81,14 @@ class TokComConfig:
     use_gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute each block in the backward pass to save activation memory"}
     )
+    dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the attention weights of every stack while it trains (Qwen2's "
+                                       "attention_dropout; the seed: 0); 0: none"}
+    )
 
     def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("sequence_len", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "intermediate_size", "chunk_size"):
             if getattr(self, name) < 1:
@@ -115,7 +121,7 @@ class TokComConfig:
             num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads, rms_norm_eps=self.rms_norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            max_position_embeddings=max(self.sequence_len, self.chunk_size), attention_dropout=0.0,
+            max_position_embeddings=max(self.sequence_len, self.chunk_size), attention_dropout=self.dropout,
             attn_implementation="sdpa",
         )
 

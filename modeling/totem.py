@@ -61,6 +61,9 @@ class TotemConfig:
     use_gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute encoder and decoder stages in the backward pass"}
     )
+    dropout: float = field(
+        default=0.0, metadata={"help": "dropout on each residual block's output while training (TOTEM uses none); 0: none"}
+    )
 
     def __post_init__(self):
         check_positive(self, "compression_factor", "block_hidden_size", "num_residual_layers", "res_hidden_size",
@@ -74,6 +77,8 @@ class TotemConfig:
         for name in ("commitment_weight", "dead_code_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -118,12 +123,13 @@ class RevIN(nn.Module):
 
 
 class ResidualStack(nn.Module):
-    """num_layers of x + conv1(ReLU(conv3(ReLU(x)))), then ReLU: (N, H, T) -> (N, H, T)."""
+    """num_layers of x + dropout(conv1(ReLU(conv3(ReLU(x))))), then ReLU: (N, H, T) -> (N, H, T)."""
 
-    def __init__(self, hidden: int, res_hidden: int, num_layers: int):
+    def __init__(self, hidden: int, res_hidden: int, num_layers: int, dropout: float = 0.0):
         super().__init__()
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.ReLU(), nn.Conv1d(hidden, res_hidden, 3, padding=1), nn.ReLU(), nn.Conv1d(res_hidden, hidden, 1))
+        self.layers = nn.ModuleList(  # the dropout last: the convs keep their checkpoint keys (layers.i.1, layers.i.3)
+            nn.Sequential(nn.ReLU(), nn.Conv1d(hidden, res_hidden, 3, padding=1), nn.ReLU(), nn.Conv1d(res_hidden, hidden, 1),
+                          nn.Dropout(dropout))
             for _ in range(num_layers)
         )
 
@@ -150,7 +156,7 @@ class TotemEncoder(nn.Module):
             layers += [nn.Conv1d(width_in, width_out, 4, stride=2, padding=1), nn.ReLU()]
         layers.append(nn.Conv1d(hidden, hidden, 3, padding=1))
         self.downsample = nn.Sequential(*layers)
-        self.residual_stack = ResidualStack(hidden, config.res_hidden_size, config.num_residual_layers)
+        self.residual_stack = ResidualStack(hidden, config.res_hidden_size, config.num_residual_layers, config.dropout)
         self.pre_vq_conv = nn.Conv1d(hidden, config.embedding_dim, 1)
         self.use_gradient_checkpointing = False
 
@@ -166,7 +172,7 @@ class TotemDecoder(nn.Module):
         super().__init__()
         hidden = config.block_hidden_size
         self.conv_in = nn.Conv1d(config.embedding_dim, hidden, 3, padding=1)
-        self.residual_stack = ResidualStack(hidden, config.res_hidden_size, config.num_residual_layers)
+        self.residual_stack = ResidualStack(hidden, config.res_hidden_size, config.num_residual_layers, config.dropout)
         widths = _conv_widths(hidden, int(math.log2(config.compression_factor)))[::-1]
         layers: list[nn.Module] = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):

@@ -1,5 +1,6 @@
 """Tests of the nanochat-style GPT (modeling/gpt.py) and its shared layers, on debug-sized configs."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from modeling.gpt import GPT, KVCache
 from modeling.layers import RMSNorm, apply_rotary, precompute_rotary
-from modeling.registry import build_model, model_config
+from modeling.registry import build_model, get_model_spec, list_models, model_config
 
 aten = torch.ops.aten
 
@@ -118,6 +119,104 @@ def test_dropout_only_in_training():
     assert not torch.equal(model(idx), model(idx))
     with pytest.raises(ValueError, match="dropout"):
         build_model("gpt", "debug", {"dropout": 1.0}, device="meta")
+
+
+def test_unset_dropouts_take_dropout():
+    assert model_config("gpt", "debug").attn_dropout == 0.0
+    config = model_config("gpt", "debug", {"dropout": 0.1, "attn_dropout": 0.0})
+    assert (config.attn_dropout, config.resid_dropout, config.embd_dropout) == (0.0, 0.1, 0.1)
+    for name in ("attn_dropout", "resid_dropout", "embd_dropout"):
+        with pytest.raises(ValueError, match=name):
+            model_config("gpt", "debug", {name: 1.0})
+
+
+def zeroed_fractions(model: GPT, idx: torch.Tensor) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One forward: the fraction of block 0's entries zeroed where a dropout may act on the residual stream
+    (the embeddings entering it; the attention and MLP outputs joining it), and the tensors seen there."""
+    block, seen = model.blocks[0], {}
+    hooks = [
+        block.register_forward_pre_hook(lambda module, args: seen.update(x=args[0])),
+        block.attn.register_forward_hook(lambda module, args, out: seen.update(attn=out)),
+        block.mlp.register_forward_hook(lambda module, args, out: seen.update(mlp=out)),
+        block.register_forward_hook(lambda module, args, out: seen.update(out=out)),
+    ]
+    with torch.no_grad():
+        model(idx)
+    for hook in hooks:
+        hook.remove()
+    x, attn, mlp = seen["x"], seen["attn"], seen["mlp"]
+    mlp_joined = seen["out"] - x - attn  # the MLP output as it joined: 0 where dropped, mlp / (1 - p) where kept
+    return {
+        "embd": (x == 0).float().mean().item(),
+        "attn_out": (attn == 0).float().mean().item(),
+        "mlp_out": (mlp_joined.abs() < 0.5 * mlp.abs()).float().mean().item(),
+    }, seen
+
+
+@pytest.mark.parametrize("place", ["embd", "attn", "resid"])
+def test_each_dropout_acts_in_its_place(place):
+    """One of the three at 0.5, the others 0: zeros appear only where it acts (attention-weight dropout
+    leaves none, but changes the attention output); eval mode is the model without dropout."""
+    model = make_model({f"{place}_dropout": 0.5}).train()
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    fractions, seen = zeroed_fractions(model, idx)
+    for site, is_dropped in {"embd": place == "embd", "attn_out": place == "resid", "mlp_out": place == "resid"}.items():
+        assert (0.4 < fractions[site] < 0.6) if is_dropped else fractions[site] < 0.02, (site, fractions)
+    if place == "attn":  # the same block input, another attention output: the attention weights were dropped
+        _, again = zeroed_fractions(model, idx)
+        assert torch.equal(seen["x"], again["x"]) and not torch.equal(seen["attn"], again["attn"])
+
+    reference = make_model()  # the same weights (seed 0), no dropout
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(idx), reference(idx), rtol=0, atol=0)
+        torch.testing.assert_close(model(idx), reference(idx), rtol=0, atol=0)
+
+
+def test_mlp_ratio_sets_the_mlp_width():
+    # debug: 2 blocks of n_embd 64; an MLP holds c_fc (64 x hidden) and c_proj (hidden x 64)
+    counts = {ratio: build_model("gpt", "debug", {"mlp_ratio": ratio}, device="meta").num_params() for ratio in (4, 2.5, 1)}
+    assert counts[4] - counts[2.5] == 2 * 2 * 64 * (256 - 160)
+    assert counts[4] - counts[1] == 2 * 2 * 64 * (256 - 64)
+    model = build_model("gpt", "debug", {"mlp_ratio": 2.5}, device="meta")
+    assert model.blocks[0].mlp.c_fc.weight.shape == (160, 64) and model.blocks[1].mlp.c_proj.weight.shape == (64, 160)
+    moe = build_model("gpt", "debug", {"mlp_ratio": 2.5, "moe_num_experts": 2}, device="meta")
+    assert all(tuple(p.shape)[1:] in {(64, 160), (160, 64)} for p in moe.blocks[1].mlp.experts.parameters())
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        model_config("gpt", "debug", {"mlp_ratio": 1 / 3})  # 21.33 units
+
+
+def test_every_model_family_states_its_dropout():
+    for name in list_models():
+        config_cls = get_model_spec(name).config_cls
+        dropouts = [f for f in dataclasses.fields(config_cls) if f.name.endswith("dropout")]
+        assert dropouts, f"{config_cls.__name__} ({name}) has no dropout field"
+        assert all(f.default in (0.0, None) and f.metadata["help"] for f in dropouts), name
+
+
+FAMILY_INPUTS = {  # a forward of the debug flavor that dropout changes in training
+    "tokcom_vae": lambda model: model(torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))),
+    "FlatGPT": lambda model: model(torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))),
+    "totem": lambda model: model.encoder(torch.randn(4, 1, 64, generator=torch.Generator().manual_seed(0))),  # the codebook's EMA moves too
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_INPUTS))
+def test_family_dropout_acts_in_training_only(name):
+    run = FAMILY_INPUTS[name]
+    torch.manual_seed(0)
+    plain = build_model(name, "debug").train()
+    with torch.no_grad():
+        torch.testing.assert_close(run(plain), run(plain), rtol=0, atol=0)
+        torch.manual_seed(0)
+        dropped = build_model(name, "debug", {"dropout": 0.5}).train()
+        assert not torch.equal(run(dropped), run(dropped))
+        torch.testing.assert_close(run(dropped.eval()), run(plain.eval()), rtol=0, atol=0)
+
+
+def test_flatgpt_dropout_is_one_field():
+    args = {"trf_args": {"num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64, "attention_dropout": 0.1}}
+    with pytest.raises(ValueError, match="set the model's own dropout field"):
+        model_config("FlatGPT", "debug", args)
 
 
 def test_gqa_shapes():

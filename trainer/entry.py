@@ -10,7 +10,7 @@ import sys
 
 from launch.cli import CommandLineParser, positive_int
 from launch.config import TrainConfig, dump_config, load_config
-from launch.errors import exit_on_user_error
+from launch.errors import exit_on_missing_package, exit_on_user_error
 
 DESCRIPTION = """Train a model from a YAML run config (see configs/). The same command runs on one
 device and, unchanged, under torchrun / deepspeed / accelerate launch / srun."""
@@ -96,4 +96,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = CommandLineParser(prog="python -m trainer", description=DESCRIPTION)
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    with exit_on_missing_package("python -m trainer", args.debug):  # e.g. engine.kind deepspeed without deepspeed
+        run(args)

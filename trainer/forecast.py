@@ -164,7 +164,7 @@ def _recording_windows(request: ForecastRequest, info: Any) -> Windows:
     """Windows of context + horizon samples of one recording, preprocessed as the raw dataset was."""
     from launch.config import MegConfig
     from launch.schema import from_dict
-    from sharding import meg
+    from sharding.prepare_signals import reader_module
 
     if info.input_kind != "meg_windows":
         raise UserError(f"--recording is for MEG/EEG recordings; tokenizer {info.name} reads {info.input_kind}")
@@ -177,6 +177,7 @@ def _recording_windows(request: ForecastRequest, info: Any) -> Windows:
     options = MegConfig(**{**options.__dict__, "window_s": length / options.sfreq, "overlap_s": 0.0})
     if not Path(request.recording).is_file():
         raise UserError(f"--recording: not found: {request.recording}")
+    meg = reader_module("meg")  # imports mne: a missing one is named with its extra, not taken for an unusable file
     try:
         samples = list(meg.read_samples(request.recording, request.recording, options))
     except Exception as error:  # SkipInput and mne's reader errors: the file is not usable
