@@ -283,9 +283,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         path = args.path
         if path.endswith("trainer_state.json"):  # a checkpoint's state file: that checkpoint
             path = str(Path(path).parent)
-        if Path(path).is_file():
+        is_pointer = Path(path).is_file() and Path(path).parent.name == "checkpoints"  # checkpoints/latest, best: what they name
+        if Path(path).is_file() and not is_pointer:
             raise UserError(f"{path} is a file: inspect takes a dataset root (holding manifest.json), a checkpoint folder or a run dir")
-        if Path(path).is_dir() and not (Path(path) / "manifest.json").exists():
+        if is_pointer or (Path(path).is_dir() and not (Path(path) / "manifest.json").exists()):
             _inspect_checkpoint(path)
             return
         from sharding.manifest import Manifest
@@ -336,11 +337,32 @@ def _inspect_checkpoint(path: str) -> None:
         print(f"  data position: {_data_position(state)}")
     print(f"  size {size / 1e6:.1f} MB in {sum(1 for p in directory.rglob('*') if p.is_file())} files")
     problems = verify_checkpoint(directory)
+    try:
+        best = _best_checkpoint(directory)
+    except UserError as error:  # the run's best pointer names no complete checkpoint
+        problems.append(str(error))
+        best = None
+    if best is not None:
+        print(f"  best checkpoint: {best}")
     for problem in problems:
         print(f"  PROBLEM: {problem}")
     if problems:
         sys.exit(1)
     print("  all files verified (sizes as written, trainer state, safetensors headers)")
+
+
+def _best_checkpoint(directory: Path) -> str | None:
+    """"step-00000020 (val_loss 2.31, min)" when the run `directory` belongs to keeps a `checkpoints/best`
+    (checkpoint.keep_best); a UserError when that pointer names no complete checkpoint."""
+    from trainer.checkpoint import BEST_FILE, read_pointer, read_trainer_state
+
+    if directory.parent.name != "checkpoints" or not (directory.parent / BEST_FILE).is_file():
+        return None
+    best = read_pointer(directory.parent / BEST_FILE)
+    record = read_trainer_state(best).get("best") or {}
+    if record.get("step") != int(best.name.split("-")[1]) or record.get("value") is None:
+        return best.name
+    return f"{best.name} ({record['metric']} {record['value']:.6g}, {record['mode']})"
 
 
 def _data_position(state: dict) -> str:
@@ -445,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Load a checkpoint (or a run dir's newest one) and continue a prompt (GPT): text "
                                           "(--prompt, through the run's tokenizer) or token ids (--prompt-tokens, printed as ids, "
                                           "one line per sample), or generate / reconstruct / encode with a latent model (TokCom, --mode).")
-    generate.add_argument("--checkpoint", required=True, help="checkpoint folder or run dir")
+    generate.add_argument("--checkpoint", required=True, help="checkpoint folder, run dir or RUN_DIR/checkpoints/best")
     generate.add_argument("--prompt", default="", help="text to continue (empty: start from end-of-text)")
     generate.add_argument("--prompt-tokens", metavar="IDS",
                           help="token ids to continue instead of text, e.g. \"80 81 83\" (runs on token-id data need no tokenizer); "
@@ -472,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summarise and verify a dataset or a checkpoint",
                              description="PATH is a dataset root (manifest.json: every shard is verified), "
                                          "a checkpoint folder or a run dir. Exit 1 when a shard fails verification.")
-    inspect.add_argument("path", help="dataset root, checkpoint folder or run dir")
+    inspect.add_argument("path", help="dataset root, checkpoint folder, run dir or RUN_DIR/checkpoints/best (or latest)")
     inspect.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     inspect.set_defaults(func=cmd_inspect)
 
@@ -495,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="consolidate a checkpoint (ZeRO / FSDP shards too) into one safetensors model",
                             description="Writes OUT/model.safetensors (fp32, whole tensors), the model spec and the tokenizer: a "
                                         "single-device checkpoint that `tokfleet generate --checkpoint OUT` loads. Needs no GPU.")
-    export.add_argument("checkpoint", help="checkpoint folder or run dir (its newest complete checkpoint)")
+    export.add_argument("checkpoint", help="checkpoint folder, run dir (its newest complete checkpoint) or RUN_DIR/checkpoints/best")
     export.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     export.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     export.set_defaults(func=cmd_export)
@@ -516,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "codebook utilisation, perplexity, token entropy (bits), normalised reconstruction MSE "
                                             "and scale error on a raw dataset, against the seed's TOTEM goals. Printed as a table, "
                                             "written as JSON with --out.")
-    evaluation.add_argument("checkpoint", help="checkpoint folder or run dir (its newest complete checkpoint)")
+    evaluation.add_argument("checkpoint", help="checkpoint folder, run dir (its newest complete checkpoint) or RUN_DIR/checkpoints/best")
     evaluation.add_argument("--data", required=True, help="dataset root: token shards of the model's kind, grid and vocabulary "
                                                           "(a causal model), or raw MEG/EEG windows or video clips (a tokenizer)")
     evaluation.add_argument("--split", default="val", help="manifest split")

@@ -123,6 +123,9 @@ class CheckpointConfig:
     every_steps: int = option(100, "save a checkpoint every N optimizer steps (0: only at the end)", bound=">= 0")
     keep_last: int = option(3, "complete checkpoints to keep; older ones are deleted", bound=">= 1")
     save_final: bool = option(True, "save a checkpoint when training finishes")
+    keep_best: str | None = option(None, "a metric of metrics.jsonl (val_loss, loss, ...): checkpoints/best names the checkpoint "
+                                         "with its best value so far, and keep_last never deletes it; empty: no best")
+    keep_best_mode: Literal["min", "max"] = option("min", "keep_best: min (a loss) or max is best")
 
     def __post_init__(self):
         check_bounds(self, "checkpoint")
@@ -224,6 +227,29 @@ class TrainConfig:
     logging: LoggingConfig = option(help="metrics and wandb", factory=LoggingConfig)
     eval: EvalConfig = option(help="validation", factory=EvalConfig)
     launch: LaunchConfig = option(help="cluster jobs: tokfleet submit slurm|ray|local", factory=LaunchConfig)
+
+    def __post_init__(self):
+        check_keep_best(self)
+
+
+def check_keep_best(cfg: TrainConfig) -> None:
+    """checkpoint.keep_best compares checkpoints by a metric logged at their step: every periodic checkpoint
+    must have one (the final checkpoint's step always logs, validation included)."""
+    metric, every = cfg.checkpoint.keep_best, cfg.checkpoint.every_steps
+    if not metric:
+        return
+    fault = None
+    if metric == "val_loss" and not cfg.data.val_split:
+        fault = "data.val_split is '' (no validation)"
+    elif metric == "val_loss" and cfg.eval.every_steps == 0:
+        fault = f"eval.every_steps is 0 (validation only at the end); make it a divisor of checkpoint.every_steps ({every})"
+    elif metric == "val_loss" and every % cfg.eval.every_steps:
+        fault = f"checkpoint.every_steps {every} is not a multiple of eval.every_steps {cfg.eval.every_steps}"
+    elif metric != "val_loss" and every % cfg.logging.every_steps:
+        fault = f"checkpoint.every_steps {every} is not a multiple of logging.every_steps {cfg.logging.every_steps}"
+    if fault:
+        raise ConfigError(f"checkpoint.keep_best {metric!r} needs the metric logged at every checkpoint step: {fault}",
+                          key="checkpoint.keep_best")
 
 
 # -------------------------------------------------------------- prepare config

@@ -1,14 +1,15 @@
 """Atomic checkpoints in the run directory, with retention and `--resume auto`.
 
 Layout: `checkpoints/step-00000123/` holds the engine's files, `trainer_state.json` and,
-written last, the `COMPLETE` marker; `checkpoints/latest` names the newest complete one.
+written last, the `COMPLETE` marker; `checkpoints/latest` names the newest complete one and, with
+`checkpoint.keep_best`, `checkpoints/best` the one with the best metric so far (never pruned).
 A checkpoint is assembled in a hidden temporary folder and renamed into place, so a
 crash mid-write leaves at worst a temporary folder that is never loaded and is cleaned
 up by the next save.
 
 With several ranks (the run directory on a shared filesystem), every rank writes its own
 engine files into the one temporary folder; after a barrier rank 0 alone writes the trainer
-state (which holds every rank's loader and RNG state), the marker, the rename and `latest`.
+state (which holds every rank's loader and RNG state), the marker, the rename, `latest` and `best`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger("tokfleet.trainer")
 STATE_FILE = "trainer_state.json"
 COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
+BEST_FILE = "best"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -87,6 +89,28 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"checkpoint file {path} is unreadable or corrupt: {error}") from None
+
+
+def read_pointer(path: Path) -> Path | None:
+    """The checkpoint folder a `checkpoints/latest` or `checkpoints/best` file names (None: `path` is no such
+    file); a UserError when it names nothing that is there."""
+    path = Path(path)
+    if path.name not in (LATEST_FILE, BEST_FILE):
+        return None
+    if not path.exists() and path.parent.name == "checkpoints" and path.parent.is_dir():
+        unset = " (a run writes it with checkpoint.keep_best set)" if path.name == BEST_FILE else ""
+        raise UserError(f"{path} does not exist: the run has no {path.name} checkpoint yet{unset}")
+    if not path.is_file():
+        return None
+    try:
+        name = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"checkpoint pointer {path} is unreadable: {error}") from None
+    if not _STEP_DIR.match(name):
+        raise UserError(f"checkpoint pointer {path} holds {name[:40]!r}, not a step-NNNNNNNN checkpoint name")
+    if not (path.parent / name).is_dir():
+        raise UserError(f"checkpoint pointer {path} names {name}, which is not in {path.parent}")
+    return path.parent / name
 
 
 def verify_checkpoint(directory: Path) -> list[str]:
@@ -160,20 +184,21 @@ class CheckpointManager:
         for path in self.root.iterdir():
             if path.name.startswith(".step-"):
                 shutil.rmtree(path, ignore_errors=True)
-            elif path.name.startswith(f".{LATEST_FILE}.tmp-"):
+            elif path.name.startswith((f".{LATEST_FILE}.tmp-", f".{BEST_FILE}.tmp-")):
                 path.unlink(missing_ok=True)
 
-    def save(self, step: int, write_files: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
+    def save(self, step: int, write_files: Callable[[Path], None], trainer_state: dict[str, Any], best_step: int | None = None) -> Path:
         """Write a checkpoint for `step` atomically and return its folder.
 
         Every rank calls this (collectively); `write_files(tmp)` runs on every rank,
-        `trainer_state` is used on rank 0 only.
+        `trainer_state` and `best_step` (the step of the best checkpoint so far, this one included;
+        None: no `best` to keep) are used on rank 0 only.
         """
         is_main = distributed.rank() == 0
         final = self.root / step_dir_name(step)
         tmp = self.root / f".{final.name}.tmp-{distributed.broadcast_object(os.getpid())}"  # rank 0's pid names it
         try:
-            self._write(step, final, tmp, write_files, trainer_state, is_main)
+            self._write(step, final, tmp, write_files, trainer_state, is_main, best_step)
         except KeyboardInterrupt:  # a second Ctrl-C: drop the partial checkpoint, keep the previous one
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -189,7 +214,7 @@ class CheckpointManager:
         return final
 
     def _write(self, step: int, final: Path, tmp: Path, write_files: Callable[[Path], None], trainer_state: dict[str, Any],
-               is_main: bool) -> None:
+               is_main: bool, best_step: int | None = None) -> None:
         if is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -208,11 +233,34 @@ class CheckpointManager:
                 shutil.rmtree(stale)
             tmp.rename(final)
             _write_atomic(self.root / LATEST_FILE, final.name + "\n")
+            if best_step is not None:
+                self._point_best(step_dir_name(best_step))
             self._prune()
 
+    def _point_best(self, name: str) -> None:
+        """`best` names checkpoint `name`. Rewritten at every save, so it agrees with the trainer state even
+        after a resume from an older checkpoint; when `name` is gone (pruned in a run resumed from before
+        it), a `best` naming another checkpoint would mislead and is removed."""
+        pointer = self.root / BEST_FILE
+        if is_complete(self.root / name):
+            if not pointer.is_file() or pointer.read_text().strip() != name:
+                _write_atomic(pointer, name + "\n")
+        elif pointer.is_file():
+            log.warning("the best checkpoint so far, %s, is no longer in %s: removing the %s pointer", name, self.root, BEST_FILE)
+            pointer.unlink()
+
+    def best(self) -> Path | None:
+        """The checkpoint `best` names (None when there is no pointer); a UserError when it names nothing."""
+        return read_pointer(self.root / BEST_FILE)
+
     def _prune(self) -> None:
+        try:
+            best = self.best()
+        except UserError:
+            best = None
         for path in self.complete_checkpoints()[: -self.keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+            if path != best:  # keep_last never deletes the best checkpoint
+                shutil.rmtree(path, ignore_errors=True)
         self.remove_leftovers()  # of crashed saves (ours was renamed)
 
     def claim(self, resume: str | None, overwrite: bool) -> Path | None:
@@ -235,9 +283,17 @@ class CheckpointManager:
         return distributed.broadcast_object(moved)
 
     def resolve(self, resume: str | None) -> Path | None:
-        """`--resume auto|PATH` -> a complete checkpoint folder (None: start fresh)."""
+        """`--resume auto|best|PATH` -> a complete checkpoint folder (None: start fresh)."""
         if not resume:
             return None
+        if resume == "best":
+            if not (self.root / BEST_FILE).is_file():
+                raise UserError(f"--resume best: {self.root} has no {BEST_FILE} pointer (a run with checkpoint.keep_best "
+                                "writes it at its first checkpoint)")
+            try:
+                resume = str(self.best())
+            except UserError as error:
+                raise UserError(f"--resume best: {error}") from None
         if resume == "auto":
             latest = self.latest()
             complete = self.complete_checkpoints()
@@ -246,6 +302,10 @@ class CheckpointManager:
                                 f"{verify_checkpoint(complete[-1])[0]}); see `tokfleet inspect`")
             return latest
         path = Path(resume)
+        try:
+            path = read_pointer(path) or path  # RUN/checkpoints/latest or best: the checkpoint it names
+        except UserError as error:
+            raise UserError(f"--resume: {error}") from None
         if path.is_dir() and not _STEP_DIR.match(path.name) and (path / "checkpoints").is_dir():
             latest = CheckpointManager(path, self.keep_last).latest()  # a run dir was given
             if latest is None:

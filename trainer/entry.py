@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML train config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
-    parser.add_argument("--resume", metavar="auto|PATH",
+    parser.add_argument("--resume", metavar="auto|best|PATH",
                         help="'auto': continue from the newest complete checkpoint of the run dir (fresh start if none); "
-                             "PATH: a checkpoint folder or a run dir")
+                             "'best': from the one checkpoints/best names (checkpoint.keep_best); PATH: a checkpoint folder or a run dir")
     parser.add_argument("--stop-at-step", type=positive_int, metavar="N",
                         help="checkpoint and stop after step N (as a preemption would); resume later with --resume auto")
     parser.add_argument("--overwrite", action="store_true",

@@ -10,15 +10,16 @@ from torch import nn
 
 from launch.errors import UserError
 from modeling.registry import build_model, get_model_spec
-from trainer.checkpoint import CheckpointManager, is_complete, read_trainer_state, verify_checkpoint
+from trainer.checkpoint import CheckpointManager, is_complete, read_pointer, read_trainer_state, verify_checkpoint
 from trainer.engines.single import load_model_state
 
 
 def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
-    """A checkpoint folder, or a run dir (its newest complete checkpoint whose files check out). With
-    `verify`, a checkpoint folder whose files do not (trainer/checkpoint.py verify_checkpoint) is a
-    UserError naming the first problem."""
-    path = Path(path)
+    """A checkpoint folder, a run dir (its newest complete checkpoint whose files check out) or a
+    run's `checkpoints/latest` / `checkpoints/best` pointer (the checkpoint it names). With `verify`, a
+    checkpoint folder whose files do not (trainer/checkpoint.py verify_checkpoint) is a UserError
+    naming the first problem."""
+    path = read_pointer(Path(path)) or Path(path)
     if (path / "checkpoints").is_dir():
         latest = CheckpointManager(path, keep_last=1).latest(verify=verify)
         if latest is None:

@@ -17,6 +17,7 @@ from launch.config import TrainConfig, save_config
 from launch.errors import UserError
 from launch.redact import public_dict
 from modeling.registry import build_model, get_model_spec, model_config
+from trainer.best_checkpoint import BestCheckpoint
 from trainer.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
 from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, split_has_samples
 from trainer import distributed
@@ -159,6 +160,7 @@ class Trainer:
         # this rank's step losses since the last metrics record: a checkpoint keeps them, so a resumed
         # run logs the same mean at the next logging step as the uninterrupted run
         self.window_losses: list[torch.Tensor] = []
+        self.best = BestCheckpoint(cfg.checkpoint.keep_best, cfg.checkpoint.keep_best_mode) if cfg.checkpoint.keep_best else None
         if resume_from is not None:
             self._load(resume_from, resumed)
         # records after the checkpoint (all of them on a fresh start) belong to a run that did not save
@@ -205,14 +207,19 @@ class Trainer:
             "rng": distributed.all_gather_object(rng_state()),
             "loss_window": distributed.all_gather_object([float(loss) for loss in self.window_losses]),
             "report_window": self.reports.state_dict(),
+            "best": self.best.state_dict() if self.best else None,  # checkpoint.keep_best: its metric, value and step
             "model": {"name": self.cfg.model.name, "flavor": self.cfg.model.flavor, "args": self.model_args},
             "token_grid": self.grid_source.describe() if self.grid_source is not None else None,
             "tokenizer": "tokenizer" if (self.run_dir / "tokenizer").is_dir() else None,
             "config": public_dict(self.cfg),  # no credentials in checkpoints
         }
 
-    def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.step, self.engine.save_checkpoint, self.trainer_state())
+    def save_checkpoint(self, record: dict[str, Any] | None = None) -> Path:
+        """`record`: the last metrics record; of this step, it makes the checkpoint a checkpoint.keep_best candidate."""
+        if self.best is not None:
+            self.best.offer(self.step, record or {}, is_scheduled=self._is_due(self.cfg.checkpoint.every_steps))
+        best_step = self.best.step if self.best else None
+        return self.checkpoints.save(self.step, self.engine.save_checkpoint, self.trainer_state(), best_step)
 
     def _load(self, directory: Path, state: dict[str, Any]) -> None:
         """Resume from checkpoint `directory`, whose trainer state is `state`."""
@@ -256,6 +263,8 @@ class Trainer:
             [sum(losses) / len(losses) for losses in zip(*windows)]
         self.window_losses = [torch.tensor(loss, device=self.device) for loss in window]
         self.reports.load_state_dict(state.get("report_window"), self.device)
+        if self.best is not None:
+            self.best.load_state_dict(state.get("best"))
 
     def _copy_tokenizer(self) -> None:
         target = self.run_dir / "tokenizer"
@@ -388,7 +397,7 @@ class Trainer:
                 is_preempted = self.step < last_stop and is_checked and preemption.should_stop()
                 if (every > 0 and self.step % every == 0) or self.step == self.stop_at_step \
                         or (self.step == self.max_steps and cfg.checkpoint.save_final) or is_preempted:
-                    last_checkpoint = self.save_checkpoint()
+                    last_checkpoint = self.save_checkpoint(last_record)
                 if is_preempted:
                     if not preemption.is_interrupted:
                         log.info("stop signal: checkpointed step %d and stopped; resume with --resume auto", self.step)
