@@ -202,7 +202,7 @@ def test_unknown_metric_exits_2_at_the_first_checkpoint(tmp_path, token_dataset,
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("tokfleet: error: checkpoint.keep_best: 'val_los' was not logged at step 2 "
-                               "(metrics.jsonl records hold: epoch, grad_norm, loss, lr") and "val_loss" in lines[0], lines[0]
+                               "(metrics.jsonl records hold: epoch, epochs, grad_norm, loss, lr") and "val_loss" in lines[0], lines[0]
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]  # what was logged is kept
     assert listing(tmp_path / "run") == []
 
