@@ -213,3 +213,28 @@ def test_sample_settings_refused_in_one_line(tmp_path, token_dataset):
         config = run_config(tmp_path, token_dataset, "bad", "gpt", {}, steps=2, eval=eval_section)
         result = subprocess.run([sys.executable, "-m", "trainer", str(config)], capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_diffusion_model_samples_reconstructions_and_generations(tmp_path, text_dataset):
+    """TokCom stage 2 (a random VAE and denoiser): each prompt reconstructed, as many sequences generated from noise."""
+    from safetensors.torch import save_file
+
+    from launch.config import TrainConfig
+    from launch.schema import from_dict
+    from modeling.registry import build_model
+    from trainer.samples import TrainingSampler
+
+    args = {"sequence_len": 64, "vocab_size": 512}
+    vae = build_model("tokcom_vae", "debug", args, device=torch.device("cpu"))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
+    model = build_model("tokcom_diffusion", "debug", {**args, "vae_checkpoint": str(tmp_path / "vae.safetensors")}, device=torch.device("cpu"))
+    prompts = ["import os\n", "def f"]
+    cfg = from_dict(TrainConfig, {"run": {"max_steps": 4}, "model": {"name": "tokcom_diffusion"}, "data": {"dataset": text_dataset},
+                                  "eval": {"sample_every": 2, "sample_prompts": prompts, "sample_num_steps": 3}})
+    sampler = TrainingSampler(model.train(), cfg, tmp_path, f"{text_dataset}/tokenizer", None, torch.device("cpu"), True)
+    lines = sampler.sample(2)
+    assert [(line["kind"], line["prompt"]) for line in lines] == \
+        [("reconstruction", prompts[0]), ("reconstruction", prompts[1]), ("generation", ""), ("generation", "")]
+    assert all(0 <= line["accuracy"] <= 1 for line in lines[:2]) and model.training  # left in training mode
+    assert [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == lines
+    assert sampler.sample(2) == lines  # seeded by the step: the same samples again
