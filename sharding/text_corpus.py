@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from launch.config import SourceConfig
-from launch.errors import UserError
+from launch.errors import UserError, missing_optional_module
 from sharding import storage
 from sharding.manifest import SkippedInput
 
@@ -94,6 +94,8 @@ def _load_hf_dataset(cfg: SourceConfig) -> Any:
     except UserError:
         raise
     except Exception as error:  # noqa: BLE001 - any loading failure is a bad source, reported in one line
+        if missing_optional_module(error):  # e.g. s3fs: the command names the package and its extra
+            raise
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"source.hf_dataset: cannot load {path!r} (split {cfg.hf_split!r}): {first_line}") from None
 

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from launch.errors import UserError
+from launch.errors import UserError, missing_optional_module
 from modeling.moe import MoEMLP
 from modeling.moe_dispatch import shard_experts
 from trainer import distributed
@@ -281,6 +281,8 @@ def consolidated_state(directory: Path, tag: str) -> dict[str, torch.Tensor] | N
     try:
         module = torch.load(path, map_location="cpu", weights_only=False)["module"]
     except Exception as error:
+        if missing_optional_module(error):  # DeepSpeed's states unpickle deepspeed objects
+            raise
         raise UserError(f"checkpoint file {path} is unreadable or corrupt: {str(error).splitlines()[0]}") from None
     state = {name: tensor.float() for name, tensor in module.items()}
     for name, spec in index["layers"].items():
