@@ -115,6 +115,8 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
                 return coerce(value, arg, path)
             except ConfigError as error:
                 errors.append(str(error))
+        if len(errors) == 1 and type(None) in args:  # an optional value: the one type's message, "or null"
+            raise ConfigError(f"{errors[0]} or null", key=path)
         raise ConfigError(f"'{path}' = {value!r} is not {_type_name(annotation)}", key=path)
     if origin is Literal:
         if value not in args:
