@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,7 @@ from sharding.token_grid import TokenGrid
 from sharding.loader import merge_states
 
 RECONSTRUCTION_TASKS = ("signal_reconstruction", "video_reconstruction")
+PLOT_INTERVAL_S = 60.0
 log = logging.getLogger("tokfleet.trainer")
 
 
@@ -141,6 +143,7 @@ class Trainer:
                      cfg.optim.grad_accum_steps, self.dist_env.world_size, self.max_steps, at if self.schedule.offset else "")
         self.reports = ReportWindow(model)  # what the model reports besides its loss (modeling/reports.py)
         self.model = model  # the module itself (the engine may wrap it): reconstructions and samples
+        self._last_plot = -math.inf
         self.sampler = self._sampler(model) if cfg.eval.sample_every else None
         self.engine = build_engine(cfg, model, self.device, self.dist_env.world_size, self.schedule)
         assert self.engine.world_size == self.dist_env.world_size, (self.engine.world_size, self.dist_env.world_size)
@@ -304,7 +307,7 @@ class Trainer:
             decoded = TokenizerRunner.for_model(self.model, self.cfg.model.name, self.device).reconstruct(inputs)
         finally:
             self.model.train(was_training)
-        if self.is_main:
+        if self._is_plot_due(mark=False):
             shape = inputs["video"].shape if "video" in inputs else None  # (B, T, H, W, 3)
             draw_reconstruction(decoded.target[0], decoded.reconstruction[0], self.run_dir / "plots" / "reconstruction.png",
                                 video_shape=None if shape is None else tuple(shape[1:4]), step=self.step)
@@ -321,6 +324,15 @@ class Trainer:
     def epochs_seen(self) -> float:
         """Passes over the train split trained on: samples seen / train samples."""
         return round(self.samples_seen / max(1, self.num_train_samples), 6)
+
+    def _is_plot_due(self, mark: bool = True) -> bool:
+        """Rank 0 redraws plots/ at an eval at most every PLOT_INTERVAL_S (and always at the end): drawing
+        takes ~0.3-1 s of a 2-core machine, too much when evals are seconds apart."""
+        if not self.is_main or time.monotonic() - self._last_plot < PLOT_INTERVAL_S:
+            return False
+        if mark:
+            self._last_plot = time.monotonic()
+        return True
 
     def _is_due(self, every: int) -> bool:
         return self.step == self.max_steps or (every > 0 and self.step % every == 0)
@@ -385,7 +397,7 @@ class Trainer:
                             record["val_loss"] = val_loss
                     metrics.log(record)
                     last_record = record
-                    if is_eval and is_main:  # plots/ follows the run
+                    if is_eval and self._is_plot_due():  # plots/ follows the run
                         draw_run_plots(self.run_dir, self.reports.latest_usage)
                     progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
                     window_time, window_tokens, self.window_losses = 0.0, 0, []

@@ -58,27 +58,51 @@ def draw_run_plots(run_dir: Path, latest_usage: dict[str, np.ndarray] | None = N
     return paths
 
 
+def metric_panels(series: dict[str, tuple[list[int], list[float]]]) -> list[tuple[str, list[str]]]:
+    """(title, names) per panel of metrics.png: the loss with val loss and the loss parts, lr, grad norm,
+    throughput, MFU, then one panel per group of the model's figures (`codebook/...`, `moe/...`); the
+    running counters (tokens, samples) and skip counts that never left 0 are left out."""
+    fixed = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens", "samples", "epochs")
+    parts = [n for n in series if n not in fixed and "/" not in n and not n.startswith("skipped_")]
+    panels = [("loss (and its parts)", [n for n in ("loss", "val_loss", *parts) if n in series])]
+    panels += [(n, [n]) for n in ("lr", "grad_norm", "tokens_per_s", "mfu") if n in series]
+    skipped = [n for n in series if n.startswith("skipped_") and any(series[n][1])]
+    if skipped:
+        panels.append(("skipped", skipped))
+    groups: dict[str, list[str]] = {}
+    for name in series:
+        if "/" in name:
+            groups.setdefault(name.split("/", 1)[0], []).append(name)
+    panels += [(f"{group}/ (log scale)", names) for group, names in groups.items()]
+    return [(title, names) for title, names in panels if names]
+
+
 def _metrics(records: list[dict[str, Any]], path: Path) -> Path:
-    plt = _pyplot()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     series = numeric_series(records)
-    names = sorted(series, key=lambda n: (n.count("/"), n.split("/")[0] != "loss", n))  # loss parts first, then groups
-    columns = 3
-    rows = math.ceil(len(names) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.6 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        steps, values = series[name]
-        ax.plot(steps, values, "o-" if len(steps) < 30 else "-", markersize=3, linewidth=1)
-        ax.set_title(name, fontsize=9)
+    panels = metric_panels(series)
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(4.4 * columns, 2.8 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax, (title, names) in zip(axes.flat, panels):
+        for name in names:
+            steps, values = series[name]
+            ax.plot(steps, values, "o-" if len(steps) < 30 else "-", markersize=3, linewidth=1, label=name)
+        if title.endswith("(log scale)") and all(v > 0 for name in names for v in series[name][1]):
+            ax.set_yscale("log")
+        if len(names) > 1:
+            ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        if name in ("tokens", "samples"):
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    for ax in list(axes.flat)[len(names):]:
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.93, bottom=0.1, hspace=0.55, wspace=0.3)
+    fig.savefig(path, dpi=80)
     return path
 
 
