@@ -139,7 +139,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
             if not args.ray_address:
                 ensure_confined()
         options = AnalyzeOptions(split=args.split, max_patterns=args.max_patterns, num_outliers=args.outliers,
-                                 use_ray=args.ray or bool(args.ray_address), ray_address=args.ray_address)
+                                 use_ray=args.ray or bool(args.ray_address), ray_address=args.ray_address, plots=not args.no_plots)
         report = analyze(args.dataset, out, options)
     print(format_report(report, out))
 
@@ -509,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_argument("--outliers", type=positive_int, default=10, help="samples listed per outlier kind (default 10)")
     analysis.add_argument("--max-patterns", type=positive_int, default=1 << 18,
                           help="n-gram patterns kept per order while counting (beyond it the rarest are pruned; the report says so)")
+    analysis.add_argument("--no-plots", action="store_true", help="write analysis.json only (no PNGs)")
     analysis.add_argument("--ray", action="store_true", help="run the per-shard work as Ray tasks (a local instance unless --ray-address)")
     analysis.add_argument("--ray-address", help="join this Ray cluster (implies --ray)")
     analysis.add_argument("--debug", action="store_true", help="show tracebacks for input errors")

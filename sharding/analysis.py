@@ -49,24 +49,25 @@ NGRAM_ORDERS = (2, 3, 4)  # patterns; distinct-n also for n = 1
 SKETCH_SIZE = 1 << 16  # k of the k-minimum-values sketch behind distinct-n
 DENSE_HEATMAP_VOCAB = 4096  # a full transition heatmap up to this vocabulary; the most used ids beyond
 TOP = 20
+PENDING_ENTRIES = 1 << 23  # sparse table entries gathered from shards before they are merged in one sort
+CACHE_BYTES = 256 << 20  # decoded samples kept from pass 1 for pass 2 (in-process runs)
 
 
 # ----------------------------------------------------------------------------------------------------
 # sparse counts: sorted unique uint64 codes with int64 counts
 
 
+def _runs(sorted_codes: np.ndarray) -> np.ndarray:
+    """Start index of each run of equal values in a sorted array."""
+    return np.concatenate([[0], np.flatnonzero(sorted_codes[1:] != sorted_codes[:-1]) + 1]) if len(sorted_codes) else np.zeros(0, np.int64)
+
+
 def _count(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    unique, counts = np.unique(codes, return_counts=True)
-    return unique.astype(np.uint64, copy=False), counts.astype(np.int64)
+    """(sorted distinct codes, how often each occurs); a sort, not np.unique's hash table (several times slower here)."""
+    codes = np.sort(codes.astype(np.uint64, copy=False))
+    starts = _runs(codes)
+    return codes[starts], np.diff(np.append(starts, len(codes))).astype(np.int64)
 
-
-def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    if not len(a[0]):
-        return b
-    if not len(b[0]):
-        return a
-    unique, inverse = np.unique(np.concatenate([a[0], b[0]]), return_inverse=True)
-    return unique, np.bincount(inverse, weights=np.concatenate([a[1], b[1]]), minlength=len(unique)).astype(np.int64)
 
 
 def _prune(table: tuple[np.ndarray, np.ndarray], cap: int) -> tuple[tuple[np.ndarray, np.ndarray], bool]:
@@ -75,6 +76,18 @@ def _prune(table: tuple[np.ndarray, np.ndarray], cap: int) -> tuple[tuple[np.nda
         return table, False
     keep = np.sort(np.lexsort((table[0], -table[1]))[:cap])
     return (table[0][keep], table[1][keep]), True
+
+
+def _merge_many(tables: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several sparse count tables as one (one sort over all of them)."""
+    tables = [table for table in tables if len(table[0])]
+    if len(tables) <= 1:
+        return tables[0] if tables else (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+    codes = np.concatenate([t[0] for t in tables])
+    order = np.argsort(codes, kind="stable")
+    codes = codes[order]
+    starts = _runs(codes)
+    return codes[starts], np.add.reduceat(np.concatenate([t[1] for t in tables])[order], starts).astype(np.int64)
 
 
 def _mix(codes: np.ndarray) -> np.ndarray:
@@ -88,8 +101,15 @@ def _mix(codes: np.ndarray) -> np.ndarray:
 
 def _sketch(hashes: np.ndarray, size: int = SKETCH_SIZE) -> np.ndarray:
     """The `size` smallest distinct hashes (sorted)."""
-    unique = np.unique(hashes)
-    return unique[:size]
+    hashes = np.sort(hashes)
+    return hashes[_runs(hashes)][:size]
+
+
+def _smallest(distinct_hashes: np.ndarray, size: int = SKETCH_SIZE) -> np.ndarray:
+    """The sketch of values already distinct (hashes of unique codes): no sort beyond the `size` smallest."""
+    if len(distinct_hashes) > size:
+        distinct_hashes = np.partition(distinct_hashes, size - 1)[:size]
+    return np.sort(distinct_hashes)
 
 
 def _sketch_estimate(sketch: np.ndarray, size: int = SKETCH_SIZE) -> tuple[int, bool]:
@@ -121,17 +141,20 @@ class Counts:
     def __post_init__(self):
         if self.unigram is None:
             self.unigram = np.zeros(self.vocab_size, np.int64)
+        self._pending: dict[Any, list[tuple[np.ndarray, np.ndarray]]] = {}  # tables merged at the next consolidate
+        self._pending_entries = 0
 
     def merge(self, other: Counts, max_patterns: int) -> Counts:
+        """Add `other` (its sparse tables join once PENDING_ENTRIES have gathered: one sort for many shards)."""
         self.num_samples += other.num_samples
         self.num_tokens += other.num_tokens
         self.unigram += other.unigram
-        self.transitions = _merge(self.transitions, other.transitions)
         self.is_pruned |= other.is_pruned
-        for n, table in other.patterns.items():
-            merged = _merge(self.patterns[n], table) if n in self.patterns else table
-            self.patterns[n], pruned = _prune(merged, max_patterns)
-            self.is_pruned |= pruned
+        for key, table in [("transitions", other.transitions), *other.patterns.items()]:
+            self._pending.setdefault(key, []).append(table)
+            self._pending_entries += len(table[0])
+        if self._pending_entries > PENDING_ENTRIES:
+            self.consolidate(max_patterns)
         for n, sketch in other.sketches.items():
             self.sketches[n] = _sketch(np.concatenate([self.sketches[n], sketch])) if n in self.sketches else sketch
         for n, total in other.ngram_totals.items():
@@ -140,6 +163,18 @@ class Counts:
             mine, theirs = getattr(self, name), getattr(other, name)
             if theirs is not None:
                 setattr(self, name, theirs.copy() if mine is None else mine + theirs)
+        return self
+
+    def consolidate(self, max_patterns: int) -> Counts:
+        """Merge the pending tables (patterns pruned to `max_patterns`); call before reading the tables."""
+        for key, tables in self._pending.items():
+            if key == "transitions":
+                self.transitions = _merge_many([self.transitions, *tables])
+            else:
+                merged = _merge_many([self.patterns[key], *tables] if key in self.patterns else tables)
+                self.patterns[key], pruned = _prune(merged, max_patterns)
+                self.is_pruned |= pruned
+        self._pending, self._pending_entries = {}, 0
         return self
 
 
@@ -212,9 +247,13 @@ def read_samples(manifest_root: str, shard: ShardRecord, layout: Layout, storage
 def count_shard(manifest_root: str, shard: ShardRecord, layout: Layout, max_patterns: int,
                 storage_options: dict | None = None) -> Counts:
     """Pass 1 over one shard."""
+    return count_tokens(read_samples(manifest_root, shard, layout, storage_options)[1], layout, max_patterns)
+
+
+def count_tokens(tokens: np.ndarray, layout: Layout, max_patterns: int) -> Counts:
+    """Pass 1 over one shard's samples (B, *stored)."""
     vocab = layout.vocab_size
     counts = Counts(vocab)
-    _, tokens = read_samples(manifest_root, shard, layout, storage_options)
     if not len(tokens):
         return counts
     sequences, once = layout.sequences(tokens)
@@ -223,13 +262,13 @@ def count_shard(manifest_root: str, shard: ShardRecord, layout: Layout, max_patt
     counts.unigram = np.bincount(once.reshape(-1), minlength=vocab).astype(np.int64)
     counts.transitions = _count(ngram_codes(sequences, 2, vocab).reshape(-1))
     counts.ngram_totals[1] = int(once.size)
-    counts.sketches[1] = _sketch(_mix(np.flatnonzero(counts.unigram).astype(np.uint64)))
+    counts.sketches[1] = _smallest(_mix(np.flatnonzero(counts.unigram).astype(np.uint64)))
     for n in NGRAM_ORDERS:
         if n > max_order(vocab):
             break
         table = counts.transitions if n == 2 else _count(ngram_codes(sequences, n, vocab).reshape(-1))
         counts.ngram_totals[n] = int(table[1].sum())
-        counts.sketches[n] = _sketch(_mix(table[0]))
+        counts.sketches[n] = _smallest(_mix(table[0]))  # codes are unique, so are their hashes
         counts.patterns[n], pruned = _prune(table, max_patterns)
         counts.is_pruned |= pruned
     if layout.grid is not None:
@@ -264,7 +303,11 @@ class Model:
 def score_shard(manifest_root: str, shard: ShardRecord, layout: Layout, model: Model, storage_options: dict | None = None
                 ) -> list[tuple[float, float, str]]:
     """Pass 2: (bigram NLL, unigram NLL, key) per sample, both in nats per token."""
-    keys, tokens = read_samples(manifest_root, shard, layout, storage_options)
+    return score_tokens(*read_samples(manifest_root, shard, layout, storage_options), layout, model)
+
+
+def score_tokens(keys: list[str], tokens: np.ndarray, layout: Layout, model: Model) -> list[tuple[float, float, str]]:
+    """Pass 2 over one shard's samples: (bigram NLL, unigram NLL, key) per sample."""
     if not keys:
         return []
     sequences, once = layout.sequences(tokens)  # rows sample by sample
@@ -402,11 +445,11 @@ def text_names(root: str, manifest: Manifest, storage_options: dict | None) -> C
     """ids -> text, for a dataset that ships its BPE tokenizer."""
     if manifest.tokenizer.get("kind") != "bpe" or not manifest.tokenizer.get("path"):
         return None
-    from sharding.text_tokenizer import load_tokenizer
+    from tokenizers import Tokenizer  # the tokenizer file alone: no transformers import
 
     try:
-        tokenizer, _ = load_tokenizer(storage.join(root, manifest.tokenizer["path"]), storage_options)
-    except (UserError, OSError):
+        tokenizer = Tokenizer.from_str(storage.read_text(storage.join(root, manifest.tokenizer["path"], "tokenizer.json"), storage_options))
+    except (UserError, OSError, ValueError, Exception):  # noqa: BLE001 - the names are a nicety; the report stands without them
         return None
     return lambda ids: tokenizer.decode(ids)
 
@@ -422,6 +465,7 @@ class AnalyzeOptions:
     num_outliers: int = 10
     use_ray: bool = False
     ray_address: str | None = None
+    plots: bool = True  # False: analysis.json only
     storage_options: dict[str, Any] | None = None
 
 
@@ -479,18 +523,30 @@ def analyze(url: str, out: str | Path, options: AnalyzeOptions | None = None,
         init_ray(RayConfig(address=options.ray_address))
     so = options.storage_options
 
+    # in this process, the samples of pass 1 stay for pass 2 while they fit CACHE_BYTES (one read each);
+    # Ray tasks read each shard twice
+    cache: dict[str, tuple[list[str], np.ndarray]] = {}
+    cached_bytes = 0
+
     def counted(shard, layout, max_patterns, so):
-        return count_shard(root, shard, layout, max_patterns, so)
+        nonlocal cached_bytes
+        keys, tokens = read_samples(root, shard, layout, so)
+        if not options.use_ray and cached_bytes + tokens.nbytes <= CACHE_BYTES:
+            cache[shard.name] = keys, tokens
+            cached_bytes += tokens.nbytes
+        return count_tokens(tokens, layout, max_patterns)
 
     total = Counts(layout.vocab_size)
     for index, counts in enumerate(_map(counted, shards, (layout, options.max_patterns, so), options)):
         total.merge(counts, options.max_patterns)
         if progress:
             progress(f"counted shard {index + 1}/{len(shards)}")
+    total.consolidate(options.max_patterns)
     model = Model.from_counts(total)
 
     def scored(shard, layout, model, so):
-        return [(b, u, key, shard.name) for b, u, key in score_shard(root, shard, layout, model, so)]
+        keys, tokens = cache.pop(shard.name, None) or read_samples(root, shard, layout, so)
+        return [(b, u, key, shard.name) for b, u, key in score_tokens(keys, tokens, layout, model)]
 
     ranked = {"least_likely": [], "most_likely": [], "rarest_ids": []}
     orders = {"least_likely": lambda s: s[0], "most_likely": lambda s: -s[0], "rarest_ids": lambda s: s[1]}
@@ -513,9 +569,10 @@ def analyze(url: str, out: str | Path, options: AnalyzeOptions | None = None,
                                   "bigram_z": (b - distribution.mean) / std} for b, u, key, shard in entries]
                           for name, entries in ranked.items()}
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     from sharding.analysis_plots import draw_analysis
 
-    report["plots"] = [str(p) for p in draw_analysis(total, report, distribution, out)]
+    report["plots"] = [str(p) for p in draw_analysis(total, report, distribution, out)] if options.plots else []
     storage.write_text_atomic(str(out / "analysis.json"), json.dumps(report, indent=1) + "\n")
     return report
 
@@ -536,5 +593,6 @@ def format_report(report: dict[str, Any], out: str | Path) -> str:
             top = entries[0]
             lines.append(f"{name.replace('_', ' ')}: {top['key']} ({top['shard']}), bigram NLL {top['bigram_nll']:.3f} "
                          f"(z {top['bigram_z']:+.1f}), unigram NLL {top['unigram_nll']:.3f}")
-    lines.append(f"report: {Path(out) / 'analysis.json'}; plots: {', '.join(Path(p).name for p in report['plots'])}")
+    plots = ", ".join(Path(p).name for p in report["plots"]) or "none"
+    lines.append(f"report: {Path(out) / 'analysis.json'}; plots: {plots}")
     return "\n".join(lines)

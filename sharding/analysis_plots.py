@@ -13,13 +13,25 @@ from sharding.analysis import DENSE_HEATMAP_VOCAB, Counts, Distribution
 HEATMAP_TOP = 64  # beyond DENSE_HEATMAP_VOCAB: the transitions among the most used ids
 
 
-def _pyplot():
-    import matplotlib
+class _Figures:
+    """pyplot's two calls used here on matplotlib's object API (no pyplot state, no GUI backend lookup)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(rows: int = 1, columns: int = 1, figsize=None, **kwargs):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-    return plt
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(rows, columns, **kwargs)
+
+    @staticmethod
+    def close(fig) -> None:
+        pass
+
+
+def _pyplot() -> _Figures:
+    return _Figures()
 
 
 def draw_analysis(counts: Counts, report: dict[str, Any], distribution: Distribution, out: Path) -> list[Path]:
@@ -38,8 +50,8 @@ def _usage(counts: Counts, report: dict[str, Any], path: Path) -> Path:
     ranked = np.sort(unigram[unigram > 0])[::-1]
     by_rank.loglog(np.arange(1, len(ranked) + 1), ranked / max(ranked.sum(), 1))
     by_rank.set(xlabel="rank", ylabel="frequency", title=f"rank-frequency ({report['used_ids']} of {report['vocab_size']} ids used)")
-    by_id.plot(np.arange(len(unigram)), unigram, linewidth=0.6)
-    by_id.set(xlabel="id", ylabel="count", yscale="symlog",
+    by_id.plot(np.arange(len(unigram)), unigram + 1, linewidth=0.6)
+    by_id.set(xlabel="id", ylabel="count + 1", yscale="log",
               title=f"usage by id: H1 {report['unigram_entropy_nats']:.2f} nats, H(next|prev) {report['bigram_conditional_entropy_nats']:.2f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

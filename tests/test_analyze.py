@@ -173,7 +173,13 @@ def test_distinct_count_sketch():
     assert _sketch_estimate(_sketch(_mix(values[:1000])))[0] == 1000
 
 
-def test_memory_does_not_grow_with_the_number_of_shards(tmp_path):
+def test_memory_does_not_grow_with_the_number_of_shards(tmp_path, monkeypatch):
+    """Memory is bounded by two constants, not by the data: decoded samples kept between the passes
+    (CACHE_BYTES) and sparse tables gathered before a merge (PENDING_ENTRIES); both made small here."""
+    from sharding import analysis
+
+    monkeypatch.setattr(analysis, "CACHE_BYTES", 0)
+    monkeypatch.setattr(analysis, "PENDING_ENTRIES", 20_000)
     rng = np.random.default_rng(4)
 
     def peak(num_shards: int) -> int:
