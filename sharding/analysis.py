@@ -244,12 +244,6 @@ def read_samples(manifest_root: str, shard: ShardRecord, layout: Layout, storage
     return keys, tokens.astype(np.int64)
 
 
-def count_shard(manifest_root: str, shard: ShardRecord, layout: Layout, max_patterns: int,
-                storage_options: dict | None = None) -> Counts:
-    """Pass 1 over one shard."""
-    return count_tokens(read_samples(manifest_root, shard, layout, storage_options)[1], layout, max_patterns)
-
-
 def count_tokens(tokens: np.ndarray, layout: Layout, max_patterns: int) -> Counts:
     """Pass 1 over one shard's samples (B, *stored)."""
     vocab = layout.vocab_size
@@ -298,12 +292,6 @@ class Model:
         previous = (codes // np.uint64(vocab)).astype(np.int64)
         from_previous = np.bincount(previous, weights=values, minlength=vocab)
         return cls(unigram_nll, codes, -np.log(values / from_previous[previous]))
-
-
-def score_shard(manifest_root: str, shard: ShardRecord, layout: Layout, model: Model, storage_options: dict | None = None
-                ) -> list[tuple[float, float, str]]:
-    """Pass 2: (bigram NLL, unigram NLL, key) per sample, both in nats per token."""
-    return score_tokens(*read_samples(manifest_root, shard, layout, storage_options), layout, model)
 
 
 def score_tokens(keys: list[str], tokens: np.ndarray, layout: Layout, model: Model) -> list[tuple[float, float, str]]:
@@ -449,7 +437,7 @@ def text_names(root: str, manifest: Manifest, storage_options: dict | None) -> C
 
     try:
         tokenizer = Tokenizer.from_str(storage.read_text(storage.join(root, manifest.tokenizer["path"], "tokenizer.json"), storage_options))
-    except (UserError, OSError, ValueError, Exception):  # noqa: BLE001 - the names are a nicety; the report stands without them
+    except Exception:  # noqa: BLE001 - the names are a nicety; the report stands without them
         return None
     return lambda ids: tokenizer.decode(ids)
 

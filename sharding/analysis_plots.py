@@ -13,25 +13,14 @@ from sharding.analysis import DENSE_HEATMAP_VOCAB, Counts, Distribution
 HEATMAP_TOP = 64  # beyond DENSE_HEATMAP_VOCAB: the transitions among the most used ids
 
 
-class _Figures:
-    """pyplot's two calls used here on matplotlib's object API (no pyplot state, no GUI backend lookup)."""
+def new_figure(rows: int = 1, columns: int = 1, figsize=None, **kwargs):
+    """(figure, axes) on matplotlib's object API: no pyplot state to close, no GUI backend lookup."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    @staticmethod
-    def subplots(rows: int = 1, columns: int = 1, figsize=None, **kwargs):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=figsize)
-        FigureCanvasAgg(fig)
-        return fig, fig.subplots(rows, columns, **kwargs)
-
-    @staticmethod
-    def close(fig) -> None:
-        pass
-
-
-def _pyplot() -> _Figures:
-    return _Figures()
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, columns, **kwargs)
 
 
 def draw_analysis(counts: Counts, report: dict[str, Any], distribution: Distribution, out: Path) -> list[Path]:
@@ -44,9 +33,8 @@ def draw_analysis(counts: Counts, report: dict[str, Any], distribution: Distribu
 
 
 def _usage(counts: Counts, report: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
     unigram = counts.unigram
-    fig, (by_rank, by_id) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (by_rank, by_id) = new_figure(1, 2, figsize=(11, 4))
     ranked = np.sort(unigram[unigram > 0])[::-1]
     by_rank.loglog(np.arange(1, len(ranked) + 1), ranked / max(ranked.sum(), 1))
     by_rank.set(xlabel="rank", ylabel="frequency", title=f"rank-frequency ({report['used_ids']} of {report['vocab_size']} ids used)")
@@ -55,12 +43,10 @@ def _usage(counts: Counts, report: dict[str, Any], path: Path) -> Path:
               title=f"usage by id: H1 {report['unigram_entropy_nats']:.2f} nats, H(next|prev) {report['bigram_conditional_entropy_nats']:.2f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def _transitions(counts: Counts, path: Path) -> Path:
-    plt = _pyplot()
     vocab = counts.vocab_size
     codes, values = counts.transitions
     if vocab <= DENSE_HEATMAP_VOCAB:
@@ -76,22 +62,20 @@ def _transitions(counts: Counts, path: Path) -> Path:
     kept = (previous >= 0) & (following >= 0)
     matrix = np.zeros((len(ids), len(ids)), np.float32)
     matrix[previous[kept], following[kept]] = values[kept]
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = new_figure(figsize=(6.5, 5.5))
     image = ax.imshow(np.log10(1 + matrix), cmap="magma", interpolation="nearest", aspect="auto")
     fig.colorbar(image, ax=ax)
     ax.set(title=title, xlabel="next", ylabel="previous")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def _sample_nll(distribution: Distribution, report: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
     edges = np.linspace(0, distribution.high, distribution.bins + 1)
     used = np.flatnonzero(distribution.histogram)
     low, high = (used[0], used[-1] + 1) if len(used) else (0, distribution.bins)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = new_figure(figsize=(7, 3.5))
     ax.stairs(distribution.histogram[low:high], edges[low : high + 1], fill=True)
     for name, color in (("least_likely", "tab:red"), ("most_likely", "tab:green")):
         for outlier in report["outliers"][name][:3]:
@@ -100,13 +84,11 @@ def _sample_nll(distribution: Distribution, report: dict[str, Any], path: Path) 
            title=f"sample likelihood under the data's bigram model ({distribution.count} samples; red: least, green: most likely)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def _grid_usage(report: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
-    fig, (by_channel, by_level) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 1]})
+    fig, (by_channel, by_level) = new_figure(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 1]})
     for ax, rows, label in ((by_channel, report["by_channel"], "channel / height"), (by_level, report["by_level"], "RVQ level")):
         entropies = [row["unigram_entropy_nats"] for row in rows]
         ax.bar(np.arange(len(rows)), entropies, color="tab:blue")
@@ -115,5 +97,4 @@ def _grid_usage(report: dict[str, Any], path: Path) -> Path:
     by_channel.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -322,3 +322,16 @@ def relabel_checkpoint(source, target, model: dict) -> None:
     marker = json.loads((target / COMPLETE_MARKER).read_text())
     marker["files"][STATE_FILE] = (target / STATE_FILE).stat().st_size
     (target / COMPLETE_MARKER).write_text(json.dumps(marker))
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """The one line `tokfleet ARGV` (run in this process) prints when it exits 2; earlier output is dropped."""
+    from launch.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tokfleet: error: ") and "Traceback" not in err[0], err
+    return err[0]

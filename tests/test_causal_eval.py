@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import relabel_checkpoint, write_grid_dataset as conftest_grid_dataset, write_token_dataset
+from conftest import cli_error, relabel_checkpoint, write_grid_dataset as conftest_grid_dataset, write_token_dataset
 
 BRAINTOKMIX = "BrainOmniCausalTokenizerSEANetChannelMix"
 
@@ -230,14 +230,7 @@ def test_brainomni_forecast_scores_only_its_predicted_levels(tmp_path):
 
 
 def error_of(argv: list[str], capsys) -> str:
-    from launch.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tokfleet: error: ") and "Traceback" not in err[0], err
-    return err[0]
+    return cli_error(capsys, argv)
 
 
 def test_cli_prints_the_table_and_writes_the_json(flat_rvq_run, grid_dataset, tmp_path, capsys):

@@ -15,21 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BRAINTOKMIX
+from conftest import BRAINTOKMIX, cli_error
 from launch.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 QUIET = ["logging.progress=false", "logging.wandb=false"]
 
-
-def cli_error(capsys, argv: list[str]) -> str:
-    """The one line `tokfleet ARGV` prints when it exits 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tokfleet: error: ") and "Traceback" not in err[0], err
-    return err[0]
 
 
 def train(config: str, *overrides: str) -> dict:

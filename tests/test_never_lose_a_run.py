@@ -18,18 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import cli_error
 from launch.cli import main
 from trainer.metrics import read_metrics
 
-
-def cli_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()  # what earlier commands printed
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tokfleet: error: ") and "Traceback" not in err[0], err
-    return err[0]
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -123,7 +115,7 @@ def test_a_full_disk_during_a_checkpoint_says_what_is_intact(tmp_path, token_dat
         config = write_config(tmp_path, token_dataset, run_dir, steps=12, checkpoint={"every_steps": 3, "keep_last": 10})
         error = cli_error(capsys, ["train", config])
         saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
-        assert saved and f"No space left on device writing checkpoint step " in error
+        assert saved and "No space left on device writing checkpoint step " in error
         assert error.endswith(f"; {saved[-1]} is intact"), error
         assert not list((run_dir / "checkpoints").glob(".step-*"))  # the partial checkpoint is gone
         from trainer.checkpoint import verify_checkpoint

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from modeling.reports import collect, reporting_modules
+from sharding.analysis import entropy
 from trainer import distributed
 
 MAX_LISTED_ENTRIES = 64
@@ -102,9 +103,8 @@ def usage_figures(name: str, histogram: np.ndarray) -> dict[str, Any]:
     if total <= 0:
         return {f"{name}_perplexity": 0.0, f"{name}_active": 0.0, f"{name}_max_over_mean": 0.0}
     p = histogram / total
-    nonzero = p[p > 0]
     figures = {
-        f"{name}_perplexity": math.exp(float(-(nonzero * np.log(nonzero)).sum())),
+        f"{name}_perplexity": math.exp(entropy(histogram)),
         f"{name}_active": float((histogram > 0).mean()),
         f"{name}_max_over_mean": float(p.max() * len(p)),
     }

@@ -15,18 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from sharding.analysis_plots import new_figure
 from trainer.metrics import read_metrics
 
 NOT_SERIES = {"step", "world_size", "epoch"}  # bookkeeping, not curves
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def numeric_series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
@@ -78,16 +70,11 @@ def metric_panels(series: dict[str, tuple[list[int], list[float]]]) -> list[tupl
 
 
 def _metrics(records: list[dict[str, Any]], path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     series = numeric_series(records)
     panels = metric_panels(series)
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig = Figure(figsize=(4.4 * columns, 2.8 * rows))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, columns, squeeze=False)
+    fig, axes = new_figure(rows, columns, figsize=(4.4 * columns, 2.8 * rows), squeeze=False)
     for ax, (title, names) in zip(axes.flat, panels):
         for name in names:
             steps, values = series[name]
@@ -107,8 +94,7 @@ def _metrics(records: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _codebooks(records: list[dict[str, Any]], usage: dict[str, np.ndarray], path: Path) -> Path:
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(usage), 2, figsize=(11, 2.8 * len(usage)), squeeze=False)
+    fig, axes = new_figure(len(usage), 2, figsize=(11, 2.8 * len(usage)), squeeze=False)
     for (histogram_ax, time_ax), (name, histogram) in zip(axes, usage.items()):
         share = np.sort(histogram)[::-1] / max(histogram.sum(), 1)
         histogram_ax.bar(np.arange(len(share)), share, width=1.0, color="tab:blue")
@@ -123,16 +109,14 @@ def _codebooks(records: list[dict[str, Any]], usage: dict[str, np.ndarray], path
         perplexity_ax.set_ylabel("perplexity", color="tab:orange")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
 def _moe_load(records: list[dict[str, Any]], path: Path) -> Path:
-    plt = _pyplot()
     loads = [(r["step"], r["moe/load"]) for r in records if isinstance(r.get("moe/load"), list)]
     steps = [step for step, _ in loads]
     matrix = np.array([load for _, load in loads])  # (records, E)
-    fig, (heat_ax, last_ax) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 1]})
+    fig, (heat_ax, last_ax) = new_figure(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 1]})
     image = heat_ax.imshow(matrix.T, aspect="auto", cmap="viridis", interpolation="nearest",
                            extent=(steps[0] - 0.5, steps[-1] + 0.5, matrix.shape[1] - 0.5, -0.5))
     fig.colorbar(image, ax=heat_ax, label="share of tokens")
@@ -143,7 +127,6 @@ def _moe_load(records: list[dict[str, Any]], path: Path) -> Path:
     last_ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
@@ -151,11 +134,10 @@ def draw_reconstruction(target, reconstruction, path: Path, video_shape: tuple[i
                         step: int = 0, num_channels: int = 4, num_frames: int = 6) -> Path:
     """A tokenizer's input vs reconstruction for one sample: signals (S, N) as a few channels over time;
     video (3, T*H*W) with video_shape (T, H, W) as rows of frames (input above, reconstruction below)."""
-    plt = _pyplot()
     target, reconstruction = target.detach().float().cpu().numpy(), reconstruction.detach().float().cpu().numpy()
     if video_shape is None:
         shown = min(num_channels, target.shape[0])
-        fig, axes = plt.subplots(shown, 1, figsize=(10, 1.8 * shown), squeeze=False, sharex=True)
+        fig, axes = new_figure(shown, 1, figsize=(10, 1.8 * shown), squeeze=False, sharex=True)
         for channel, ax in enumerate(axes[:, 0]):
             ax.plot(target[channel], color="black", linewidth=0.9, label="input")
             ax.plot(reconstruction[channel], color="tab:orange", linewidth=0.9, label="reconstruction")
@@ -166,7 +148,7 @@ def draw_reconstruction(target, reconstruction, path: Path, video_shape: tuple[i
     else:
         frames, height, width = video_shape
         picks = np.linspace(0, frames - 1, min(num_frames, frames)).round().astype(int)
-        fig, axes = plt.subplots(2, len(picks), figsize=(1.8 * len(picks), 4), squeeze=False)
+        fig, axes = new_figure(2, len(picks), figsize=(1.8 * len(picks), 4), squeeze=False)
         for row, clip in enumerate((target, reconstruction)):
             images = np.clip((clip.reshape(3, frames, height, width).transpose(1, 2, 3, 0) + 1) / 2, 0, 1)
             for column, frame in enumerate(picks):
@@ -178,5 +160,4 @@ def draw_reconstruction(target, reconstruction, path: Path, video_shape: tuple[i
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
