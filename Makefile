@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokfleet-installed
 EXTRAS ?= dev,s3,distributed,meg,video
 # Ray, SLURM and S3 servers must stay on loopback on these machines: run confined when root.
-CONFINED := $(PY) -m launch.netns --
+CONFINED := $(PY) -m core.netns --
 
 .PHONY: setup demo test bench clean
 

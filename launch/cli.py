@@ -11,8 +11,8 @@ import re
 import sys
 from pathlib import Path
 
-from launch.errors import UserError, exit_on_missing_package, exit_on_user_error, stop_at_once
-from launch.schema import bound_text, within
+from core.errors import UserError, exit_on_missing_package, exit_on_user_error, stop_at_once
+from core.arguments import CommandLineParser, non_negative_float, non_negative_int, positive_int
 
 DESCRIPTION = """tokfleet: train token-based generative models (text, MEG/EEG, video) from one
 config per stage, on one device or a cluster. Stages: prepare (corpus -> shards) -> train ->
@@ -20,32 +20,6 @@ generate. Every command takes --help; bad input exits with code 2 and one line s
 
 
 # ------------------------------------------------------------------ arguments
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """argparse whose errors read like every other input error: one line, exit code 2 (not usage + error)."""
-
-    def error(self, message: str):
-        self.exit(2, f"tokfleet: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _number_argument(kind: type, bound: str):
-    """An argparse type: a `kind` number within `bound` (as launch.schema.within reads it)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not within(value, bound):
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} {bound_text(bound)}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _number_argument(int, ">= 1")  # counts and lengths
-non_negative_int = _number_argument(int, ">= 0")  # seeds
-non_negative_float = _number_argument(float, ">= 0")  # temperatures
 
 
 # ------------------------------------------------------------------ prepare
@@ -69,14 +43,14 @@ def stop_on_interrupt(output: str, debug: bool):
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from launch.config import PrepareConfig, dump_config, load_config
+    from core.config import PrepareConfig, dump_config, load_config
 
     with exit_on_user_error(args.debug):
         cfg = load_config(args.config, PrepareConfig, args.overrides)
         if args.print_config:
             print(dump_config(cfg), end="")
             return
-        from launch.netns import ensure_confined
+        from core.netns import ensure_confined
 
         if not cfg.ray.address:  # a local Ray stays on loopback on shared machines; a cluster is joined where it is
             ensure_confined()
@@ -105,21 +79,23 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_pretokenize(args: argparse.Namespace) -> None:
-    from launch.config import PretokenizeConfig, dump_config, load_config
+    from core.config import PretokenizeConfig, dump_config, load_config
 
     with exit_on_user_error(args.debug):
         cfg = load_config(args.config, PretokenizeConfig, args.overrides)
         if args.print_config:
             print(dump_config(cfg), end="")
             return
-        from launch.netns import ensure_confined
+        from core.netns import ensure_confined
 
         if not cfg.ray.address:  # a local Ray stays on loopback on shared machines; a cluster is joined where it is
             ensure_confined()
         from sharding.pretokenize_signals import pretokenize_signals
+        from trainer.tokenizer_runner import describe_checkpoint
 
         with stop_on_interrupt(cfg.shards.output, args.debug):  # Ray starts only if a shard is missing
-            report = pretokenize_signals(cfg, progress=not args.quiet, strict=args.strict, overwrite=args.overwrite)
+            report = pretokenize_signals(cfg, describe_checkpoint, progress=not args.quiet, strict=args.strict,
+                                         overwrite=args.overwrite)
     print(report.summary())
 
 
@@ -134,7 +110,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                 raise UserError(f"{args.dataset} is not a local folder: name where the report goes with --out")
             out = str(Path(storage.local_path(args.dataset)) / "analysis")
         if args.ray:
-            from launch.netns import ensure_confined
+            from core.netns import ensure_confined
 
             if not args.ray_address:
                 ensure_confined()
@@ -367,8 +343,8 @@ def _best_checkpoint(directory: Path) -> str | None:
 
 def _data_position(state: dict) -> str:
     """Epoch and samples read of it, from the per-rank stream positions (needs the dataset)."""
-    from launch.config import DataConfig
-    from launch.schema import from_dict
+    from core.config import DataConfig
+    from core.schema import from_dict
     from sharding.loader import ShardLoader, merge_states
     from sharding.manifest import Manifest
 
@@ -418,8 +394,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_config_reference(args: argparse.Namespace) -> None:
-    from launch.config import PrepareConfig, PretokenizeConfig, TrainConfig
-    from launch.schema import describe
+    from core.config import PrepareConfig, PretokenizeConfig, TrainConfig
+    from core.schema import describe
 
     for title, cls in (("train config", TrainConfig), ("prepare config", PrepareConfig), ("pretokenize config", PretokenizeConfig)):
         print(f"## {title}\n\n| key | type | default | meaning |\n|---|---|---|---|")

@@ -31,8 +31,8 @@ def _tokfleet(*args: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from launch.config import TrainConfig, load_config
-    from launch.netns import ensure_confined
+    from core.config import TrainConfig, load_config
+    from core.netns import ensure_confined
 
     ensure_confined()  # the prepare stage starts Ray: keep it on loopback
     console = Console()

@@ -40,7 +40,7 @@ def _tokfleet(*args: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from launch.netns import ensure_confined
+    from core.netns import ensure_confined
 
     ensure_confined()  # prepare and pretokenize start Ray: keep it on loopback
     console = Console()

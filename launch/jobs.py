@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from launch.errors import UserError
+from core.errors import UserError
 
 Stage = Literal["train", "prepare", "pretokenize"]
 Backend = Literal["local", "slurm", "ray"]

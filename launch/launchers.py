@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.errors import UserError
+from core.errors import UserError
 from launch.jobs import JobSpec
 
 LAUNCHERS = ("torchrun", "deepspeed", "accelerate")

@@ -11,9 +11,9 @@ Where paths point: the job's working directory is a copy of this checkout, uploa
 runtime env's `working_dir` (the cluster runs the code that was submitted; .venv, .git, data,
 runs, jobs, demo and every data path the config names are left out), not the directory
 `tokfleet submit` ran in. So the config's relative paths are made absolute against the
-submitting directory (launch/config_paths.py) and that resolved config, written to
+submitting directory (core/config_paths.py) and that resolved config, written to
 JOB_DIR/ray-job.yaml, is what the job reads: on a filesystem the cluster shares, every path means
-there what it meant here. Like every saved config it holds no credentials (launch/redact.py):
+there what it meant here. Like every saved config it holds no credentials (core/redact.py):
 the job takes them from its environment (launch.env, launch.ray.runtime_env's env_vars, or the
 cluster's AWS_* / ~/.aws).
 
@@ -36,12 +36,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from launch.config import save_config
-from launch.config_paths import absolute_paths, local_paths
-from launch.errors import UserError
+from core.config import save_config
+from core.config_paths import absolute_paths, local_paths
+from core.errors import UserError
 from launch.jobs import STATES, JobRecord, JobSpec
-from launch.redact import public_dict
-from launch.schema import to_dict
+from core.redact import public_dict
+from core.schema import to_dict
 
 PROBE_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 60.0  # Ray sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s)

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.errors import UserError
+from core.errors import UserError
 from launch.jobs import JobRecord, JobSpec
 from launch.launchers import ShellVar, launcher_command, process_env, shell_join
 

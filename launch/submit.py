@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from launch.errors import UserError, exit_on_user_error
+from core.errors import UserError, exit_on_user_error
 from launch.jobs import JobRecord, JobSpec
 
 _BACKEND_MODULES = {"local": "launch.local_jobs", "slurm": "launch.slurm", "ray": "launch.ray_jobs"}
@@ -38,7 +38,7 @@ def detect_stage(data: dict) -> str:
 
 
 def _config_class(stage: str):
-    from launch.config import PrepareConfig, PretokenizeConfig, TrainConfig
+    from core.config import PrepareConfig, PretokenizeConfig, TrainConfig
 
     return {"train": TrainConfig, "prepare": PrepareConfig, "pretokenize": PretokenizeConfig}[stage]
 
@@ -75,7 +75,7 @@ def _apply_flags(launch, args: argparse.Namespace) -> None:
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
-    from launch.config import load_config, read_yaml
+    from core.config import load_config, read_yaml
 
     config_path = Path(args.config).resolve()
     stage = args.stage or detect_stage(read_yaml(config_path))

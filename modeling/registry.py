@@ -1,6 +1,6 @@
 """Registry of model families, looked up by name.
 
-Each family module (e.g. `modeling.gpt`) calls `register_model(ModelSpec(...))` at import time;
+Each family module (e.g. `modeling.text.gpt`) calls `register_model(ModelSpec(...))` at import time;
 the registry imports it the first time one of its models is looked up (`_MODEL_MODULES`).
 The trainer only talks to this module: it picks a model by name and flavor, overrides a few
 config fields from the data set (vocab_size, sequence_len), and gets a plain `nn.Module` back.
@@ -28,16 +28,16 @@ from torch import nn
 # here. The brain-gen zoo keeps brain-gen's `model_name` spellings, so its configs read the same.
 _FLATGPT_NAMES = ("FlatGPT", "FlatGPTEmbeds", "FlatGPTRVQ", "FlatGPTMix", "FlatGPTMixRVQ", "FlatGPTEmbedsRVQ")
 _MODEL_MODULES = {
-    "gpt": "modeling.gpt",
-    "tokcom_vae": "modeling.tokcom",
-    "tokcom_diffusion": "modeling.tokcom",
-    **dict.fromkeys(_FLATGPT_NAMES, "modeling.flatgpt"),
-    "totem": "modeling.totem",
-    "BrainOmniCausalTokenizer": "modeling.brainomni",
-    "BrainOmniCausalTokenizerSEANetChannelMix": "modeling.brainomni",
-    "BrainOmniCausalForecast": "modeling.brainomni_forecast",
-    "Vidtok": "modeling.vidtok",
-    "VidtokRVQ": "modeling.vidtok",
+    "gpt": "modeling.text.gpt",
+    "tokcom_vae": "modeling.text.tokcom",
+    "tokcom_diffusion": "modeling.text.tokcom",
+    **dict.fromkeys(_FLATGPT_NAMES, "modeling.brain.flatgpt"),
+    "totem": "modeling.tokenizers.totem",
+    "BrainOmniCausalTokenizer": "modeling.tokenizers.brainomni",
+    "BrainOmniCausalTokenizerSEANetChannelMix": "modeling.tokenizers.brainomni",
+    "BrainOmniCausalForecast": "modeling.brain.brainomni_forecast",
+    "Vidtok": "modeling.tokenizers.vidtok",
+    "VidtokRVQ": "modeling.tokenizers.vidtok",
 }
 
 _REGISTRY: dict[str, "ModelSpec"] = {}

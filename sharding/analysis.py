@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from launch.errors import UserError
+from core.errors import UserError
 from sharding import storage
 from sharding.manifest import Manifest, ShardRecord, manifest_url
 from sharding.shards import CorruptSample, decode_sample, field_specs, split_samples
@@ -505,7 +505,7 @@ def analyze(url: str, out: str | Path, options: AnalyzeOptions | None = None,
     if not shards:
         raise UserError(f"{url}: no {options.split} shards to analyze")
     if options.use_ray:
-        from launch.config import RayConfig
+        from core.config import RayConfig
         from sharding.ray_runtime import init_ray
 
         init_ray(RayConfig(address=options.ray_address))

@@ -52,7 +52,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from launch.errors import UserError
+from core.errors import UserError
 from sharding import storage
 from sharding.manifest import Manifest, ShardRecord
 from sharding.shards import CorruptSample, decode_sample, field_specs, split_samples

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from launch.errors import UserError
+from core.errors import UserError
 from sharding import storage
 
 FORMAT_VERSION = 1

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from launch.config import MegConfig
+from core.config import MegConfig
 from sharding.shard_build import SkipInput, first_line
 from sharding.shards import source_sample_key
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from launch.config import PrepareConfig
-from launch.errors import UserError
+from core.config import PrepareConfig
+from core.errors import UserError
 from sharding import storage
 from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord, SkippedInput
 from sharding.shard_build import (

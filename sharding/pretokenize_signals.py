@@ -16,6 +16,10 @@ raw `norm_center`/`norm_scale` (prepare's per-channel normalisation), `pos`, `se
 A token shard's build id covers the tokenizer weights' sha256 and the raw shards' sha256s: a
 re-run rebuilds exactly the shards whose inputs changed or that are missing. A raw shard that is
 missing or differs from its manifest is skipped and listed (`--strict`: an error).
+
+The data pipeline does not import the trainer: the caller passes `describe`, the function that reads a
+trained tokenizer checkpoint (the CLI passes trainer/tokenizer_runner.py's `describe_checkpoint`). Each
+actor calls it again on the checkpoint folder and opens the tokenizer with `info.runner(device)`.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from launch.config import PretokenizeConfig
-from launch.errors import UserError
+from core.config import PretokenizeConfig
+from core.errors import UserError
 from sharding import storage
 from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord, SkippedInput
 from sharding.prepare_signals import fields_of, merge_shapes
@@ -53,8 +57,22 @@ log = logging.getLogger(__name__)
 PROGRAM = "tokfleet pretokenize (sharding.pretokenize_signals)"
 TOKENIZE_VERSION = 1  # bump when the token samples change for the same tokenizer and raw shards
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # this process, as the sidecars name it
+TOKEN_KINDS = {"meg_windows": "meg_tokens", "video_clips": "video_tokens"}  # raw kind -> token dataset kind
 COPIED_FIELDS = {"meg_windows": ("norm_center.npy", "norm_scale.npy", "pos.npy", "sensor_type.npy", "meta.json"),
                  "video_clips": ("meta.json",)}
+
+
+def same_shape_batches(samples: list[dict[str, Any]], field_name: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Runs of up to batch_size consecutive samples whose `field_name` arrays share one shape (MEG
+    recordings may differ in channel count), in order."""
+    batch: list[dict[str, Any]] = []
+    for sample in samples:
+        if batch and (len(batch) == batch_size or sample[field_name].shape != batch[0][field_name].shape):
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
 
 
 @dataclass
@@ -73,22 +91,18 @@ class TokenShardSpec:
 class ShardTokenizer:
     """A Ray Data actor's builder: loads the tokenizer once, then turns one spec's raw shards into a token shard."""
 
-    def __init__(self, checkpoint: str, device: str, batch_size: int, num_threads: int,
+    def __init__(self, describe: Callable[[str], Any], checkpoint: str, device: str, batch_size: int, num_threads: int,
                  input_options: dict[str, Any], output_options: dict[str, Any]):
         import torch
-
-        from trainer.tokenizer_runner import TokenizerRunner, describe_checkpoint
 
         torch.set_num_threads(max(1, num_threads))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.runner = TokenizerRunner(describe_checkpoint(checkpoint), device)
+        self.runner = describe(checkpoint).runner(device)
         self.batch_size = batch_size
         self.input_options, self.output_options = input_options, output_options
 
     def __call__(self, fields: dict[str, Any]) -> dict[str, Any]:
-        from trainer.tokenizer_runner import same_shape_batches
-
         spec = TokenShardSpec(**fields)
         kind = self.runner.info.input_kind
         started_at, start, start_cpu = time.time(), time.perf_counter(), time.thread_time()
@@ -179,12 +193,11 @@ class PretokenizeReport(BuildReport):
                 f"{num_bytes / 1e6:.1f} MB, {len(manifest.skipped)} raw shards skipped")
 
 
-def plan_pretokenize(cfg: PretokenizeConfig) -> tuple[Any, Manifest, list[TokenShardSpec]]:
-    """(TokenizerInfo, raw manifest, every token shard's spec) of `cfg`; UserError when they do not fit together."""
-    from trainer.tokenizer_runner import describe_checkpoint
-
+def plan_pretokenize(cfg: PretokenizeConfig, describe: Callable[[str], Any]) -> tuple[Any, Manifest, list[TokenShardSpec]]:
+    """(the tokenizer's description, raw manifest, every token shard's spec) of `cfg`; UserError when they do
+    not fit together."""
     check_shard_name(cfg.shards.name)
-    info = describe_checkpoint(cfg.tokenizer.checkpoint)
+    info = describe(cfg.tokenizer.checkpoint)
     raw = Manifest.read(cfg.input.dataset, cfg.input.storage_options)
     info.check_dataset(raw, cfg.input.dataset)
     if not any(raw.shards_of(split) for split in cfg.input.splits):
@@ -192,30 +205,28 @@ def plan_pretokenize(cfg: PretokenizeConfig) -> tuple[Any, Manifest, list[TokenS
     return info, raw, _shard_specs(cfg, raw, info.weights_sha256)
 
 
-def shard_tokenizer_kwargs(cfg: PretokenizeConfig, info: Any) -> dict[str, Any]:
+def shard_tokenizer_kwargs(cfg: PretokenizeConfig, info: Any, describe: Callable[[str], Any]) -> dict[str, Any]:
     """ShardTokenizer's arguments: each actor builds one from them (so can a plain loop, for comparison).
 
     Torch gets actors.num_cpus threads (at least 1), so actors sharing a node do not oversubscribe its cores.
     """
-    return {"checkpoint": str(info.directory), "device": cfg.tokenizer.device, "batch_size": cfg.actors.batch_size,
+    return {"describe": describe, "checkpoint": str(info.directory), "device": cfg.tokenizer.device, "batch_size": cfg.actors.batch_size,
             "num_threads": max(1, int(cfg.actors.num_cpus)), "input_options": cfg.input.storage_options,
             "output_options": cfg.shards.storage_options}
 
 
-def pretokenize_signals(cfg: PretokenizeConfig, progress: bool = True, strict: bool = False,
+def pretokenize_signals(cfg: PretokenizeConfig, describe: Callable[[str], Any], progress: bool = True, strict: bool = False,
                         overwrite: bool = False) -> PretokenizeReport:
     """Build (or complete) the token dataset of `cfg` at `cfg.shards.output`; a token dataset there made
     with other settings or another tokenizer's weights is moved aside with `overwrite` (else: UserError)."""
-    from trainer.tokenizer_runner import TOKEN_KINDS
-
     output, output_options = cfg.shards.output, cfg.shards.storage_options
-    info, raw, specs = plan_pretokenize(cfg)
+    info, raw, specs = plan_pretokenize(cfg, describe)
     claim_output(output, output_options, {"config": _made_by(cfg), "tokenizer_sha256": info.weights_sha256}, overwrite,
                  identity=lambda manifest: {"config": manifest.created_by, "tokenizer_sha256": manifest.tokenizer.get("sha256")})
     actors = cfg.actors
     sidecars, built, build_seconds = build_missing_shards(
         specs,
-        lambda num_to_build: ActorPool(ShardTokenizer, shard_tokenizer_kwargs(cfg, info), num_actors=min(actors.num_actors, num_to_build),
+        lambda num_to_build: ActorPool(ShardTokenizer, shard_tokenizer_kwargs(cfg, info, describe), num_actors=min(actors.num_actors, num_to_build),
                                        num_cpus=actors.num_cpus, num_gpus=actors.num_gpus),
         cfg.ray, output=output, name=cfg.shards.name, storage_options=output_options, progress=progress,
         desc=f"pretokenize {info.name}")

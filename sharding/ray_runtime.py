@@ -2,7 +2,7 @@
 
 A local instance is kept small (CPUs and object store from `RayConfig`, no dashboard) and
 quiet. Confining Ray to a loopback-only network namespace is the CLI's job
-(`launch.netns.ensure_confined()` at entry); here we only warn when it was possible and not done.
+(`core.netns.ensure_confined()` at entry); here we only warn when it was possible and not done.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import logging
 import os
 import warnings
 
-from launch import netns
-from launch.config import RayConfig
+from core import netns
+from core.config import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def init_ray(cfg: RayConfig) -> None:
     if not netns.is_confined() and netns.can_confine():
         log.warning(
             "Ray starts outside a loopback-only network namespace and will bind every address; "
-            "run through `python -m launch.netns -- ...` (the tokfleet CLI does this itself)"
+            "run through `python -m core.netns -- ...` (the tokfleet CLI does this itself)"
         )
     if cfg.address:
         ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=True)

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from launch.config import RayConfig
-from launch.errors import UserError, os_error_line
+from core.config import RayConfig
+from core.errors import UserError, os_error_line
 from sharding import storage
 from sharding.manifest import FORMAT_VERSION, Manifest, SkippedInput
 from sharding.shards import read_shard

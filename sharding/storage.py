@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Iterator, TextIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from launch.errors import UserError
+from core.errors import UserError
 
 TMP_MARKER = ".tmp-"
 OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # no folders: nothing to makedirs

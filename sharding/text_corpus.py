@@ -18,8 +18,8 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from launch.config import SourceConfig
-from launch.errors import UserError, missing_optional_module
+from core.config import SourceConfig
+from core.errors import UserError, missing_optional_module
 from sharding import storage
 from sharding.manifest import SkippedInput
 

@@ -17,8 +17,8 @@ import tempfile
 from dataclasses import asdict
 from typing import Any, Iterable
 
-from launch.config import TokenizerConfig
-from launch.errors import UserError
+from core.config import TokenizerConfig
+from core.errors import UserError
 from sharding import storage
 
 log = logging.getLogger(__name__)

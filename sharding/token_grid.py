@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from launch.errors import UserError
+from core.errors import UserError
 
 CANONICAL_AXES = ("time", "height", "width", "level")
 AXIS_ALIASES = {"channel": "height"}

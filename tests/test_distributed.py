@@ -210,7 +210,7 @@ def test_elastic_resume(runs, before, after):
 
 ENGINE_HELD = """
 import sys, torch
-from launch.config import TrainConfig, load_config
+from core.config import TrainConfig, load_config
 from trainer import distributed
 from trainer.loop import Trainer
 

@@ -1,4 +1,4 @@
-"""Tests of the FlatGPT family (modeling/flatgpt.py), its HF backbones and the flat tokenizers.
+"""Tests of the FlatGPT family (modeling/brain/flatgpt.py), its HF backbones and the flat tokenizers.
 
 Tiny configs in fp32 on CPU. Parity is checked against the HF models themselves: the LM with a
 head for 1D backbones, the Qwen-VL text model with HF's own video-grid position ids for mrope.
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling.flat_tokenizers import AmplitudeTokenizer, BPETokenizer, DelimitedTokenizer, build_flat_tokenizer
-from modeling.flatgpt_layers import corrupt_tokens
-from modeling.hf_backbones import BACKBONES, _import
+from modeling.tokenizers.flat import AmplitudeTokenizer, BPETokenizer, DelimitedTokenizer, build_flat_tokenizer
+from modeling.brain.flatgpt_layers import corrupt_tokens
+from modeling.layers.hf_backbones import BACKBONES, _import
 from modeling.registry import build_model, model_config
 
 VARIANTS = ["FlatGPT", "FlatGPTEmbeds", "FlatGPTEmbedsRVQ", "FlatGPTRVQ", "FlatGPTMix", "FlatGPTMixRVQ"]
@@ -371,7 +371,7 @@ def test_gradient_checkpointing_matches_plain_backward():
 
 
 def test_trainer_trains_flatgpt_on_token_shards(tmp_path, token_dataset):
-    from launch.config import (CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig,
+    from core.config import (CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig,
                                OptimConfig, RunConfig, TrainConfig)
     from trainer.loop import Trainer
 

@@ -24,20 +24,21 @@ QUIET = ["logging.progress=false", "logging.wandb=false"]
 
 
 def train(config: str, *overrides: str) -> dict:
-    from launch.config import TrainConfig, load_config
+    from core.config import TrainConfig, load_config
     from trainer.loop import Trainer
 
     return Trainer(load_config(config, TrainConfig, [*QUIET, *overrides])).train()
 
 
 def pretokenize(dataset: str, checkpoint: str, output: str) -> None:
-    from launch.config import PretokenizeConfig, load_config
+    from core.config import PretokenizeConfig, load_config
     from sharding.pretokenize_signals import pretokenize_signals
+    from trainer.tokenizer_runner import describe_checkpoint
 
     cfg = load_config(CONFIGS / "meg/pretokenize_totem_sinusoids.yaml", PretokenizeConfig,
                       [f"input.dataset={dataset}", f"tokenizer.checkpoint={checkpoint}", f"shards.output={output}",
                        "tokenizer.device=cpu", "actors.batch_size=8"])
-    pretokenize_signals(cfg, progress=False)
+    pretokenize_signals(cfg, describe_checkpoint, progress=False)
 
 
 # ------------------------------------------------------------------ sinusoids: TOTEM -> GPT
@@ -46,7 +47,7 @@ def pretokenize(dataset: str, checkpoint: str, output: str) -> None:
 @pytest.fixture(scope="module")
 def sinusoids(ray_session, tmp_path_factory) -> dict[str, str]:
     """The shipped sinusoid configs (8 recordings of 60 s, TOTEM 300 steps) with a smaller GPT: 2 x 64, 300 steps."""
-    from launch.config import PrepareConfig, load_config
+    from core.config import PrepareConfig, load_config
     from sharding.prepare_signals import prepare_signals
     from sharding.synthetic_meg import write_recordings
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from launch.config import TrainConfig, load_config
+from core.config import TrainConfig, load_config
 from trainer.checkpoint import is_complete, verify_checkpoint
 from trainer.engines.single import load_model_state
 from trainer.metrics import read_metrics

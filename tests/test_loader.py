@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch.errors import UserError
+from core.errors import UserError
 from sharding.loader import LoaderState, ShardIterableDataset, ShardLoader, merge_states
 from sharding import storage
 from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord

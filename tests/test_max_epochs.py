@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from conftest import write_token_dataset
-from launch.config import OptimConfig, RunConfig, TrainConfig, load_config
-from launch.schema import ConfigError
+from core.config import OptimConfig, RunConfig, TrainConfig, load_config
+from core.schema import ConfigError
 from test_distributed import all_keys, env, epoch_keys, keys_by_rank, run, write_config
 from trainer.metrics import read_metrics
 from trainer.optim import lr_factor, schedule_span

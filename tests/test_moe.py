@@ -1,5 +1,5 @@
-"""Mixture of experts: routing (modeling/moe.py), the MoE GPT, expert parallelism over 2 CPU ranks
-(modeling/moe_dispatch.py, trainer/engines/expert_parallel.py under the DeepSpeed engine), its
+"""Mixture of experts: routing (modeling/layers/moe.py), the MoE GPT, expert parallelism over 2 CPU ranks
+(modeling/layers/moe_dispatch.py, trainer/engines/expert_parallel.py under the DeepSpeed engine), its
 checkpoints, resume and export.
 
 The multi-process tests reuse test_distributed's launchers and run configs on its token dataset.
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.errors import UserError
-from modeling.gpt import MLP, GPTConfig
-from modeling.moe import MoEConfig, MoEMLP, expert_capacity, route
+from core.errors import UserError
+from modeling.text.gpt import MLP, GPTConfig
+from modeling.layers.moe import MoEConfig, MoEMLP, expert_capacity, route
 from modeling.registry import build_model
 from test_distributed import TIMEOUT, Runs, env, launcher_command, losses, run
 
@@ -218,7 +218,7 @@ def test_gpt_moe_kv_cache_and_gradient_checkpointing():
 
 
 def test_expert_parallel_settings_are_checked():
-    from launch.config import EngineConfig
+    from core.config import EngineConfig
     from trainer.engines.expert_parallel import setup_expert_parallel
 
     with pytest.raises(ValueError, match="engine.expert_parallel_size > 1 needs engine.kind deepspeed"):
@@ -260,9 +260,9 @@ import torch, torch.distributed as dist
 from torch import nn
 from deepspeed.utils import safe_get_full_grad
 
-from launch.config import EngineConfig, OptimConfig
-from modeling.moe import MoEConfig, MoEMLP
-from modeling.moe_dispatch import shard_experts
+from core.config import EngineConfig, OptimConfig
+from modeling.layers.moe import MoEConfig, MoEMLP
+from modeling.layers.moe_dispatch import shard_experts
 from modeling.registry import build_model
 from trainer.engines.deepspeed import DeepSpeedEngine
 
@@ -408,7 +408,7 @@ def test_resume_restores_the_same_losses(moe_runs):
 
 def test_export_is_one_device_model_with_every_expert(moe_runs, tmp_path):
     """The exported model, on one device, gives the validation loss the 2 expert-parallel ranks measured."""
-    from launch.config import TrainConfig, load_config
+    from core.config import TrainConfig, load_config
     from sharding.manifest import Manifest
     from trainer.data import Batches, causal_lm_batch
     from trainer.export import export_checkpoint

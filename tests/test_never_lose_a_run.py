@@ -168,7 +168,7 @@ def test_prepare_and_export_on_full_and_read_only_filesystems(ray_session, tmp_p
 
 
 def test_a_dead_commands_network_namespace_is_removed(tmp_path):
-    from launch.netns import remove_stale_namespaces
+    from core.netns import remove_stale_namespaces
 
     dead = subprocess.Popen(["true"])
     dead.wait()

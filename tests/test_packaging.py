@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from launch.errors import OPTIONAL_MODULES
+from core.errors import OPTIONAL_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("launch", "trainer", "modeling", "sharding")
+PACKAGES = ("core", "launch", "trainer", "modeling", "sharding")
 
 
 def normalize(name: str) -> str:
@@ -98,7 +98,7 @@ def test_packages_of_extras_are_imported_only_where_used():
 
 
 def test_optional_modules_table_matches_the_extras():
-    """launch.errors.OPTIONAL_MODULES names each extra's packages (what the one-line error says to install)."""
+    """core.errors.OPTIONAL_MODULES names each extra's packages (what the one-line error says to install)."""
     base, extras = declared()
     table = {(normalize(distribution), extra) for distribution, extra in OPTIONAL_MODULES.values()}
     expected = {(distribution, extra) for extra, distributions in extras.items() if extra != "dev"

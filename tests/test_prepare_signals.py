@@ -25,7 +25,7 @@ import yaml
 import mne  # noqa: E402
 import av  # noqa: E402
 
-from launch.config import MegConfig, PrepareConfig, ShardsConfig, SourceConfig  # noqa: E402
+from core.config import MegConfig, PrepareConfig, ShardsConfig, SourceConfig  # noqa: E402
 from sharding.manifest import Manifest  # noqa: E402
 from sharding.meg import SENSOR_TYPES, denormalize  # noqa: E402
 from sharding.prepare_signals import prepare_signals  # noqa: E402

@@ -12,7 +12,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from launch.config import PrepareConfig, ShardsConfig, SourceConfig, TokenizerConfig
+from core.config import PrepareConfig, ShardsConfig, SourceConfig, TokenizerConfig
 from sharding.loader import ShardLoader
 from sharding.manifest import Manifest
 from sharding.pretokenize_text import group_documents, prepare_text, val_group_indexes, verify_dataset

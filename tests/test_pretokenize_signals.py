@@ -24,13 +24,14 @@ import pytest
 import torch
 import yaml
 
-from launch.config import (  # noqa: E402
+from core.config import (  # noqa: E402
     ActorPoolConfig, PretokenizeConfig, PretokenizeInputConfig, PretokenizeModelConfig, TokenShardsConfig,
 )
 from sharding.manifest import Manifest  # noqa: E402
 from sharding.pretokenize_signals import pretokenize_signals  # noqa: E402
 from sharding.shard_build import sidecar_name, verify_dataset  # noqa: E402
 from sharding.shards import read_shard  # noqa: E402
+from trainer.tokenizer_runner import describe_checkpoint  # noqa: E402
 from test_prepare_signals import file_ids  # noqa: E402
 
 from conftest import BRAINTOKMIX, relabel_checkpoint  # noqa: E402  (meg_mag and the tokenizer checkpoints are session fixtures there)
@@ -88,7 +89,7 @@ def test_totem_tokens_through_the_cli(meg_mag, checkpoints, tmp_path, capsys):
     assert tokens.fields["tokens.npy"]["shape"] == [8, 125] and tokens.stats["num_tokens"] == (num_train + num_val) * 8 * 125
     assert all(s["revin_std"].shape == (8,) and s["norm_scale"].shape == (8,) for s in samples)
     # the stored codes and RevIN stats are all decoding needs: they give the model's own reconstruction of the raw window
-    from modeling.totem import RevINStats
+    from modeling.tokenizers.totem import RevINStats
     from trainer.inference import load_model
 
     model, _, _ = load_model(checkpoints["totem"])
@@ -105,7 +106,7 @@ def test_totem_tokens_through_the_cli(meg_mag, checkpoints, tmp_path, capsys):
 
 def test_braintokmix_tokens(meg_mag, checkpoints, tmp_path):
     output = str(tmp_path / "tokens")
-    report = pretokenize_signals(pretokenize_config(meg_mag, checkpoints[BRAINTOKMIX], output), progress=False)
+    report = pretokenize_signals(pretokenize_config(meg_mag, checkpoints[BRAINTOKMIX], output), describe_checkpoint, progress=False)
     tokens, samples = check_tokens_match_raw(meg_mag, output, checkpoints[BRAINTOKMIX])
     assert report.num_built_shards == 3 and tokens.tokenizer["num_levels"] == 2
     assert tokens.fields["tokens.npy"]["shape"] == [2, 125, 2] and tokens.seq_len == 125  # (n_neuro, W, Q)
@@ -119,7 +120,7 @@ def test_braintokmix_tokens(meg_mag, checkpoints, tmp_path):
 @pytest.fixture(scope="module")
 def video_tokens(video_built, checkpoints, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("video-tokens"))
-    report = pretokenize_signals(pretokenize_config(video_built[3], checkpoints["Vidtok"], output), progress=False)
+    report = pretokenize_signals(pretokenize_config(video_built[3], checkpoints["Vidtok"], output), describe_checkpoint, progress=False)
     return report, output
 
 
@@ -155,7 +156,7 @@ def test_killed_driver_resumes_to_the_same_tokens(ray_session, video_built, vide
     assert not os.path.exists(os.path.join(output, "manifest.json"))
     before = file_ids(output)
 
-    resumed = pretokenize_signals(pretokenize_config(video_built[3], checkpoints["Vidtok"], output), progress=False)
+    resumed = pretokenize_signals(pretokenize_config(video_built[3], checkpoints["Vidtok"], output), describe_checkpoint, progress=False)
     assert resumed.num_built_shards == num_shards - len(complete)
 
     def without_output(manifest: Manifest) -> str:
@@ -173,7 +174,7 @@ def test_killed_driver_resumes_to_the_same_tokens(ray_session, video_built, vide
 
 def test_eval_reports_the_five_metrics(meg_mag, checkpoints, tmp_path, capsys):
     from launch.cli import main
-    from trainer.tokenizer_runner import describe_checkpoint, evaluate
+    from trainer.tokenizer_runner import evaluate
 
     main(["eval", checkpoints["totem"], "--data", meg_mag, "--num-batches", "2", "--batch-size", "4",
           "--device", "cpu", "--out", str(tmp_path / "eval.json")])

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from launch import ray_jobs
-from launch.errors import UserError
+from core.errors import UserError
 from launch.jobs import JobRecord
 from trainer.metrics import read_metrics
 
@@ -211,8 +211,8 @@ def test_unknown_job_is_a_user_error(ray_head):
 
 
 def test_config_paths_resolve_against_the_submitting_dir(tmp_path):
-    from launch.config import DataConfig, PrepareConfig, ShardsConfig, SourceConfig, TokenizerConfig, TrainConfig
-    from launch.config_paths import absolute_paths
+    from core.config import DataConfig, PrepareConfig, ShardsConfig, SourceConfig, TokenizerConfig, TrainConfig
+    from core.config_paths import absolute_paths
 
     (tmp_path / "corpus").mkdir()
     prepare = PrepareConfig(
@@ -233,8 +233,8 @@ def test_config_paths_resolve_against_the_submitting_dir(tmp_path):
 
 
 def test_uploaded_code_leaves_out_data_and_environments(tmp_path):
-    from launch.config import DataConfig, TrainConfig
-    from launch.config_paths import absolute_paths
+    from core.config import DataConfig, TrainConfig
+    from core.config_paths import absolute_paths
 
     root = ray_jobs.code_root()
     config = absolute_paths(TrainConfig(data=DataConfig(dataset="toy/ds")), root)

@@ -20,8 +20,8 @@ from torch import nn
 
 from launch.launchers import free_port
 from modeling import reports
-from modeling.moe import MoEConfig, MoEMLP
-from modeling.quantizers import VectorQuantizer
+from modeling.layers.moe import MoEConfig, MoEMLP
+from modeling.tokenizers.quantizers import VectorQuantizer
 from trainer.metrics import read_metrics
 from trainer.reports import ReportWindow
 
@@ -219,8 +219,8 @@ def test_diffusion_model_samples_reconstructions_and_generations(tmp_path, text_
     """TokCom stage 2 (a random VAE and denoiser): each prompt reconstructed, as many sequences generated from noise."""
     from safetensors.torch import save_file
 
-    from launch.config import TrainConfig
-    from launch.schema import from_dict
+    from core.config import TrainConfig
+    from core.schema import from_dict
     from modeling.registry import build_model
     from trainer.samples import TrainingSampler
 

@@ -7,8 +7,8 @@ import sysconfig
 
 import pytest
 
-from launch.config import SourceConfig, TokenizerConfig
-from launch.errors import UserError
+from core.config import SourceConfig, TokenizerConfig
+from core.errors import UserError
 from sharding.manifest import SkippedInput
 from sharding.text_corpus import corpus_fingerprint, iter_texts, list_documents, read_document
 from sharding.text_tokenizer import EOS_TOKEN, ensure_tokenizer, load_pretrained, load_tokenizer, train_bpe

@@ -1,4 +1,4 @@
-"""TokCom (modeling/tokcom.py): the chunk VAE, the flow-matching denoiser, the trainer stages and the CLI modes.
+"""TokCom (modeling/text/tokcom.py): the chunk VAE, the flow-matching denoiser, the trainer stages and the CLI modes.
 
 Everything runs in this process on CPU in fp32, on debug-sized models, with one torch thread: the
 machine is shared, and on two busy cores a second thread makes these tiny matmuls several times slower.
@@ -18,7 +18,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from conftest import write_token_dataset
 from launch import cli
 from modeling.registry import build_model, get_model_spec, model_config
-from modeling.tokcom import DenoiserBlock, VAEBlock
+from modeling.text.tokcom import DenoiserBlock, VAEBlock
 
 VOCAB = 320  # a byte-level BPE: 256 bytes, <|endoftext|> and 63 merges
 SEQ_LEN = 32  # 8 chunks of 4

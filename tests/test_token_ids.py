@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from launch.cli import main
-from launch.config import PrepareConfig, ShardsConfig, SourceConfig, TokenIdsConfig
-from launch.errors import UserError
+from core.config import PrepareConfig, ShardsConfig, SourceConfig, TokenIdsConfig
+from core.errors import UserError
 from sharding.shard_build import verify_dataset
 from sharding.shards import read_shard, source_sample_key
 from sharding.token_ids import prepare_token_ids

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import write_grid_dataset
-from launch.errors import UserError
+from core.errors import UserError
 from sharding.manifest import Manifest
 from sharding.token_grid import TokenGrid
 
@@ -52,7 +52,7 @@ def test_grid_of_a_manifest_and_of_an_old_manifest_without_axes(tmp_path):
 
 
 def grid_run(tmp_path, name: str, dataset: str, args: dict | None = None, steps: int = 2, **overrides):
-    from launch.config import (CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig,
+    from core.config import (CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig,
                                OptimConfig, RunConfig, TrainConfig)
 
     return TrainConfig(
@@ -178,7 +178,7 @@ def test_init_from_copies_every_weight_and_starts_a_fresh_optimizer(tmp_path, to
     a model of another shape is refused naming the tensors."""
     from safetensors.torch import load_file
 
-    from launch.config import DataConfig
+    from core.config import DataConfig
     from trainer.loop import Trainer
 
     source = grid_run(tmp_path, "gpt", token_dataset, steps=3)

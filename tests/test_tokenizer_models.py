@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from modeling.brainomni import CausalTokenSequence
-from modeling.causal_conv import CausalConv1d, CausalConv3d, CausalConvTranspose1d
-from modeling.quantizers import (
+from modeling.tokenizers.brainomni import CausalTokenSequence
+from modeling.layers.causal_conv import CausalConv1d, CausalConv3d, CausalConvTranspose1d
+from modeling.tokenizers.quantizers import (
     FiniteScalarQuantizer,
     ResidualVectorQuantizer,
     VectorQuantizer,
@@ -19,8 +19,8 @@ from modeling.quantizers import (
     set_quantizer_all_reduce,
 )
 from modeling.registry import build_model, get_model_spec, list_models, model_config
-from modeling.totem import RevIN
-from modeling.vidtok import model_output_to_video, video_to_model_input
+from modeling.tokenizers.totem import RevIN
+from modeling.tokenizers.vidtok import model_output_to_video, video_to_model_input
 
 SIGNAL_MODELS = ["totem", "BrainOmniCausalTokenizer", "BrainOmniCausalTokenizerSEANetChannelMix"]
 BRAINOMNI_MODELS = SIGNAL_MODELS[1:]

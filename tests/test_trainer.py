@@ -165,7 +165,7 @@ def test_fp16_grad_scaler_is_checkpointed(tmp_path):
     is saved and loaded with the optimizer's."""
     import torch
 
-    from launch.config import EngineConfig, OptimConfig
+    from core.config import EngineConfig, OptimConfig
     from modeling.registry import build_model
     from trainer.engines.single import SingleDeviceEngine
 

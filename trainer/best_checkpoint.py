@@ -1,7 +1,7 @@
 """`checkpoint.keep_best`: which checkpoint holds the best value of a logged metric so far.
 
 A checkpoint is a candidate when the metric was logged at its step (its metrics.jsonl record);
-launch/config.py check_keep_best makes sure every periodic checkpoint step logs it. The best value
+core/config.py check_keep_best makes sure every periodic checkpoint step logs it. The best value
 and its step travel in trainer_state.json, so a resumed run (at any world size) compares against
 the same best. Every rank decides on rank 0's record (the one metrics.jsonl holds; its losses are
 all-reduced), so all ranks take the same decision.
@@ -13,7 +13,7 @@ import logging
 import math
 from typing import Any
 
-from launch.errors import UserError
+from core.errors import UserError
 from trainer import distributed
 
 log = logging.getLogger("tokfleet.trainer")

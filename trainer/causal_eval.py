@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from launch.errors import UserError
+from core.errors import UserError
 from modeling.registry import get_model_spec
 from sharding.manifest import Manifest
 from sharding.token_grid import TOKENS_FIELD, TokenGrid
@@ -213,9 +213,9 @@ def evaluate_causal(checkpoint: str, dataset: str, *, split: str = "val", num_ba
     """Next-token metrics of the causal model at `checkpoint` on the first num_batches batches of `split`
     (shards in manifest order; a batch holds neighbouring samples of one shape, the last may be short),
     next to the unigram baseline of the same targets: a JSON-ready report."""
-    from launch.config import DataConfig
-    from launch.schema import from_dict
-    from trainer.tokenizer_runner import same_shape_batches
+    from core.config import DataConfig
+    from core.schema import from_dict
+    from sharding.pretokenize_signals import same_shape_batches
 
     if num_batches < 1 or batch_size < 1:
         raise UserError(f"--num-batches and --batch-size must be >= 1, got {num_batches}, {batch_size}")

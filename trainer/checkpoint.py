@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from launch.errors import UserError, disk_fault
+from core.errors import UserError, disk_fault
 from trainer import distributed
 
 log = logging.getLogger("tokfleet.trainer")

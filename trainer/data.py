@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from launch.config import DataConfig
-from launch.errors import UserError
+from core.config import DataConfig
+from core.errors import UserError
 from torch.utils.data import DataLoader
 
 from sharding.loader import SKIPPED, ShardIterableDataset, ShardLoader, log_skip

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launch.errors import UserError
+from core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import json
 import logging
 import sys
 
-from launch.cli import CommandLineParser, positive_int
-from launch.config import TrainConfig, dump_config, load_config
-from launch.errors import exit_on_missing_package, exit_on_user_error
+from core.arguments import CommandLineParser, positive_int
+from core.config import TrainConfig, dump_config, load_config
+from core.errors import exit_on_missing_package, exit_on_user_error
 
 DESCRIPTION = """Train a model from a YAML run config (see configs/). The same command runs on one
 device and, unchanged, under torchrun / deepspeed / accelerate launch / srun."""

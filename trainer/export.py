@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from launch.errors import UserError, disk_fault
+from core.errors import UserError, disk_fault
 from modeling.registry import build_model
 from trainer.checkpoint import COMPLETE_MARKER, STATE_FILE, read_trainer_state
 from trainer.engines.single import MODEL_FILE, load_model_state

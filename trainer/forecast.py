@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launch.errors import UserError
+from core.errors import UserError
 from sharding import storage
 from sharding.manifest import Manifest
 from sharding.shards import read_shard
@@ -162,8 +162,8 @@ def read_windows(request: ForecastRequest, info: Any) -> Windows:
 
 def _recording_windows(request: ForecastRequest, info: Any) -> Windows:
     """Windows of context + horizon samples of one recording, preprocessed as the raw dataset was."""
-    from launch.config import MegConfig
-    from launch.schema import from_dict
+    from core.config import MegConfig
+    from core.schema import from_dict
     from sharding.prepare_signals import reader_module
 
     if info.input_kind != "meg_windows":
@@ -303,7 +303,7 @@ def _forecast_signal(windows: Windows, runner: TokenizerRunner, model: torch.nn.
     else:
         video = fields["video"]  # (B, T, H, W, 3) uint8
         inputs = {"video": video[:, :context].to(device)}
-        from modeling.vidtok import video_to_model_input
+        from modeling.tokenizers.vidtok import video_to_model_input
 
         full = video_to_model_input(video).numpy()  # (B, 3, T, H, W) in [-1, 1]
     codes, stats = runner.encode(inputs)  # (B, *axes), context steps

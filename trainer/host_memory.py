@@ -16,7 +16,7 @@ import ctypes
 import ctypes.util
 import logging
 
-from launch.config import EngineConfig
+from core.config import EngineConfig
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value, now fixed: no more dynamic raising

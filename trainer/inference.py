@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.errors import UserError
+from core.errors import UserError
 from modeling.registry import build_model, get_model_spec
 from trainer.checkpoint import CheckpointManager, is_complete, read_pointer, read_trainer_state, verify_checkpoint
 from trainer.engines.single import load_model_state

@@ -2,7 +2,7 @@
 
 A model offers this by declaring `inference_modes` (the modes it supports) and `stage`, and the methods
 `generate(num_chunks, num_steps, batch_size, generator)`, `reconstruct(ids)` and `encode(ids)`
-(modeling/tokcom.py). Input text is tokenized with the checkpoint's tokenizer folder and, as in the
+(modeling/text/tokcom.py). Input text is tokenized with the checkpoint's tokenizer folder and, as in the
 seed, padded with EOS (or truncated) to num_chunks * chunk_size tokens (default: the model's
 sequence_len, the seed's max_length).
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.errors import UserError
+from core.errors import UserError
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LatentRequest:
 
 def seed_config(model: nn.Module, state: dict[str, Any], tokenizer_dir: Path | None) -> dict[str, Any]:
     """The seed's checkpoint `config` block (stage, tokenizer_path, max_length, chunk_size, noise_std),
-    recovered from a tokfleet checkpoint's trainer_state.json (see modeling/tokcom.py)."""
+    recovered from a tokfleet checkpoint's trainer_state.json (see modeling/text/tokcom.py)."""
     args = state["model"]["args"]
     config = {"stage": model.stage, "tokenizer_path": str(tokenizer_dir) if tokenizer_dir else None,
               "max_length": args["sequence_len"], "chunk_size": args["chunk_size"]}

@@ -14,9 +14,9 @@ import fsspec
 import torch
 from tqdm import tqdm
 
-from launch.config import TrainConfig, save_config
-from launch.errors import UserError
-from launch.redact import public_dict
+from core.config import TrainConfig, save_config
+from core.errors import UserError
+from core.redact import public_dict
 from modeling.registry import build_model, get_model_spec, model_config
 from trainer.best_checkpoint import BestCheckpoint
 from trainer.checkpoint import CheckpointManager, read_trainer_state, step_dir_name

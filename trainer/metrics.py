@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from launch.config import LoggingConfig
+from core.config import LoggingConfig
 
 
 def measure_peak_flops(device: torch.device, size: int = 2048, seconds: float = 0.5) -> float:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from launch.config import OptimConfig, RunConfig
+from core.config import OptimConfig, RunConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 
-from launch.errors import stop_at_once
+from core.errors import stop_at_once
 from trainer import distributed
 
 STOP_SIGNAL = signal.SIGUSR1

@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.config import TrainConfig, load_config
-from launch.config_paths import absolute_paths
-from launch.errors import UserError, exit_on_user_error
+from core.config import TrainConfig, load_config
+from core.config_paths import absolute_paths
+from core.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("tokfleet")
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.errors import UserError
+from core.errors import UserError
 from modeling.registry import get_model_spec, model_config
 from sharding.manifest import Manifest
 from sharding.token_grid import TokenGrid
@@ -109,7 +109,7 @@ class FlatLayout:
 
     @staticmethod
     def resolve_args(name: str, flavor: str, args: dict[str, Any], grid: TokenGrid, tokenizer: dict[str, Any]) -> dict[str, Any]:
-        from modeling.flatgpt import reduce_grid
+        from modeling.brain.flatgpt import reduce_grid
 
         shape = grid.canonical_shape
         if None in shape:

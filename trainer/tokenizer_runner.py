@@ -19,15 +19,16 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from launch.errors import UserError
+from core.errors import UserError
 from modeling.registry import build_model, get_model_spec
 from sharding.manifest import Manifest
+from sharding.pretokenize_signals import same_shape_batches
 from sharding.token_grid import AXES_OF_TOKENIZER
 from trainer.checkpoint import read_trainer_state
 from trainer.data import TASK_BATCHES, collate
@@ -41,7 +42,6 @@ INPUT_KINDS = {  # model name -> the raw dataset kind it tokenizes
     "Vidtok": "video_clips",
     "VidtokRVQ": "video_clips",
 }
-TOKEN_KINDS = {"meg_windows": "meg_tokens", "video_clips": "video_tokens"}  # raw kind -> token dataset kind
 # the seed's goals (TOTEM): (metric, comparison, goal)
 TARGETS = {"codebook_utilization": (">", 0.8), "perplexity": (">", 50.0), "token_entropy_bits": (">", 5.0),
            "reconstruction_mse": ("<", 0.05), "scale_error": ("<", 0.01)}
@@ -93,6 +93,10 @@ class TokenizerInfo:
     def token_axes(self) -> tuple[str, ...]:
         """The axes of one sample's codes (sharding.token_grid)."""
         return AXES_OF_TOKENIZER[self.name]
+
+    def runner(self, device: torch.device | str = "cpu") -> TokenizerRunner:
+        """The tokenizer loaded from this checkpoint on `device`, ready to tokenize."""
+        return TokenizerRunner(self, device)
 
     def provenance(self) -> dict[str, Any]:
         """The token manifest's `tokenizer` record."""
@@ -147,19 +151,6 @@ def describe_checkpoint(path: str | Path) -> TokenizerInfo:
     args = {**spec["args"], **dict.fromkeys(get_model_spec(spec["name"]).weight_file_fields)}
     model = build_model(spec["name"], spec["flavor"], args, device="meta")
     return TokenizerInfo(spec["name"], spec["flavor"], spec["args"], directory, int(state["step"]), file_sha256(weights), model)
-
-
-def same_shape_batches(samples: list[dict[str, Any]], field_name: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Runs of up to batch_size consecutive samples whose `field_name` arrays share one shape (MEG
-    recordings may differ in channel count), in order."""
-    batch: list[dict[str, Any]] = []
-    for sample in samples:
-        if batch and (len(batch) == batch_size or sample[field_name].shape != batch[0][field_name].shape):
-            yield batch
-            batch = []
-        batch.append(sample)
-    if batch:
-        yield batch
 
 
 @dataclass
@@ -235,7 +226,7 @@ class TokenizerRunner:
         and num_channels."""
         model, name = self.model, self.info.name
         if name == "totem":
-            from modeling.totem import RevINStats
+            from modeling.tokenizers.totem import RevINStats
 
             stats = RevINStats(context["revin_mean"][..., None], context["revin_std"][..., None])
             return model.decode(codes, stats)
@@ -265,7 +256,7 @@ class TokenizerRunner:
                     windows = signal.view(B, C, T // self.model.window_length, self.model.window_length)
                     target = self.model.normalize_target(windows).view(B, C, T)
             else:
-                from modeling.vidtok import video_to_model_input
+                from modeling.tokenizers.vidtok import video_to_model_input
 
                 x = video_to_model_input(inputs["video"])  # (B, 3, T, H, W) in [-1, 1]
                 reconstruction, target = self.model.decode(codes, num_frames=x.shape[2]), x

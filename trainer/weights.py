@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launch.errors import UserError
+from core.errors import UserError
 from trainer.checkpoint import read_trainer_state
 from trainer.inference import resolve_checkpoint
 

@@ -27,7 +27,7 @@ throughput of 2 ranks against 1, and checkpoint save/load time against plain tor
 
 Numbers: tests/bench/results/distributed.json, and the tables printed at the end.
 
-    make bench   (or: python -m launch.netns -- python -m pytest -s tests/bench/test_distributed_bench.py)
+    make bench   (or: python -m core.netns -- python -m pytest -s tests/bench/test_distributed_bench.py)
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def rank_main(config_path: str, out_dir: str, num_rounds: int) -> None:
     import accelerate  # noqa: F401  the engines import these lazily; every engine's baseline holds both
     import deepspeed  # noqa: F401
 
-    from launch.config import TrainConfig, load_config
+    from core.config import TrainConfig, load_config
     from trainer import distributed
     from trainer.loop import Trainer
 

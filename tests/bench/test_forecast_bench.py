@@ -22,7 +22,7 @@ OpenMP thread that loses its core stalls every op (a training step ran 20x slowe
 
 Numbers: tests/bench/results/forecast.json, and the tables printed at the end.
 
-    make bench   (or: python -m launch.netns -- python -m pytest -s tests/bench/test_forecast_bench.py)
+    make bench   (or: python -m core.netns -- python -m pytest -s tests/bench/test_forecast_bench.py)
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def grid_dataset(tmp_path_factory) -> str:
 
 
 def trainer_config(dataset: str, run_dir: Path):
-    from launch.config import (CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig,
+    from core.config import (CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig,
                                OptimConfig, RunConfig, TrainConfig)
 
     return TrainConfig(

@@ -14,7 +14,7 @@
 
 Numbers: tests/bench/results/models.json, and the tables printed at the end.
 
-    make bench   (or: python -m launch.netns -- python -m pytest -s tests/bench/test_models_bench.py)
+    make bench   (or: python -m core.netns -- python -m pytest -s tests/bench/test_models_bench.py)
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def rank_main(config_path: str, out_dir: str) -> None:
     """One rank: train the config's steps; report memory (build, each optimizer step, peak)."""
     import deepspeed  # noqa: F401  imported before the baseline, as the engine needs it
 
-    from launch.config import TrainConfig, load_config
+    from core.config import TrainConfig, load_config
     from test_distributed_bench import memory_status, record_at_optimizer_steps, reset_peak
     from trainer import distributed
     from trainer.loop import Trainer

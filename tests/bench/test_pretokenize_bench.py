@@ -39,7 +39,7 @@ core, so the machine was not idle and the ratios say little), and the driver's C
 (Ray Data's executor; on 2 cores taken from the actors). Every way must write byte-identical
 token shards.
 
-    make bench     # or: pytest -s tests/bench/test_pretokenize_bench.py (inside `python -m launch.netns --`)
+    make bench     # or: pytest -s tests/bench/test_pretokenize_bench.py (inside `python -m core.netns --`)
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def process_cpu_s() -> float:
 
 def make_dataset(root: Path) -> str:
     """The raw dataset: recordings made at SFREQ and windowed without filters (the bench is about pretokenize)."""
-    from launch.config import MegConfig, PrepareConfig, ShardsConfig, SourceConfig
+    from core.config import MegConfig, PrepareConfig, ShardsConfig, SourceConfig
     from sharding.prepare_signals import prepare_signals
     from sharding.synthetic_meg import make_raw
 
@@ -110,7 +110,7 @@ def make_dataset(root: Path) -> str:
 
 
 def train_tokenizer(dataset: str, root: Path) -> str:
-    from launch.config import TrainConfig, load_config
+    from core.config import TrainConfig, load_config
     from trainer.loop import Trainer
 
     run_dir = root / "totem"
@@ -130,7 +130,7 @@ def train_tokenizer(dataset: str, root: Path) -> str:
 
 
 def pretokenize_config(dataset: str, checkpoint: str, output: str, num_actors: int):
-    from launch.config import (ActorPoolConfig, PretokenizeConfig, PretokenizeInputConfig, PretokenizeModelConfig,
+    from core.config import (ActorPoolConfig, PretokenizeConfig, PretokenizeInputConfig, PretokenizeModelConfig,
                                TokenShardsConfig)
 
     return PretokenizeConfig(
@@ -154,14 +154,15 @@ def run_plain(cfg, niceness: int) -> tuple[float, list[dict]]:
     thread the tokenizer runs on the calling thread). On an idle machine niceness changes little;
     on a shared one a nice-0 loop would beat nice-15 actors just by outranking other jobs."""
     from sharding.pretokenize_signals import ShardTokenizer, plan_pretokenize, shard_tokenizer_kwargs
+    from trainer.tokenizer_runner import describe_checkpoint
 
-    info, _, specs = plan_pretokenize(cfg)
+    info, _, specs = plan_pretokenize(cfg, describe_checkpoint)
     result: dict = {}
 
     def loop() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
         start = time.perf_counter()
-        builder = ShardTokenizer(**shard_tokenizer_kwargs(cfg, info))  # torch.set_num_threads(1), as in an actor
+        builder = ShardTokenizer(**shard_tokenizer_kwargs(cfg, info, describe_checkpoint))  # torch.set_num_threads(1), as in an actor
         result["sidecars"] = [builder(dataclasses.asdict(spec)) for spec in specs]
         result["seconds"] = time.perf_counter() - start
 
@@ -195,11 +196,12 @@ def run_plain_processes(cfg, niceness: int, num_workers: int = 2) -> tuple[float
     from concurrent.futures import ProcessPoolExecutor
 
     from sharding.pretokenize_signals import plan_pretokenize, shard_tokenizer_kwargs
+    from trainer.tokenizer_runner import describe_checkpoint
 
-    info, _, specs = plan_pretokenize(cfg)
+    info, _, specs = plan_pretokenize(cfg, describe_checkpoint)
     start = time.perf_counter()
     with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process,
-                             initargs=(shard_tokenizer_kwargs(cfg, info), niceness)) as pool:
+                             initargs=(shard_tokenizer_kwargs(cfg, info, describe_checkpoint), niceness)) as pool:
         sidecars = list(pool.map(_build_in_process, [dataclasses.asdict(spec) for spec in specs]))
     return time.perf_counter() - start, sidecars
 
@@ -207,9 +209,10 @@ def run_plain_processes(cfg, niceness: int, num_workers: int = 2) -> tuple[float
 def run_ray(cfg) -> tuple[float, list[dict]]:
     from sharding import storage
     from sharding.pretokenize_signals import pretokenize_signals
+    from trainer.tokenizer_runner import describe_checkpoint
     from sharding.shard_build import sidecar_name
 
-    report = pretokenize_signals(cfg, progress=False)
+    report = pretokenize_signals(cfg, describe_checkpoint, progress=False)
     sidecars = [json.loads(storage.read_text(storage.join(cfg.shards.output, sidecar_name(shard.name))))
                 for shard in report.manifest.shards]
     return report.build_seconds, sidecars
@@ -268,7 +271,7 @@ def local_ray():
     dashboard, all CPUs), not the test session's head, whose dashboard and Jobs API take CPU."""
     import ray
 
-    from launch.config import RayConfig
+    from core.config import RayConfig
     from sharding.ray_runtime import init_ray
 
     assert not ray.is_initialized(), "run this bench before anything that joins the session's Ray head"

@@ -6,7 +6,7 @@ steps. Rounds alternate trainer / bare in one process so machine noise
 hits both alike; the ratio of median step times is the trainer's overhead. MFU is reported
 against the fp32 matmul peak measured in the same run.
 
-    make bench   (or: python -m launch.netns -- python -m pytest -s tests/bench/test_trainer_overhead.py)
+    make bench   (or: python -m core.netns -- python -m pytest -s tests/bench/test_trainer_overhead.py)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from launch.config import (CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig,
+from core.config import (CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig,
                            OptimConfig, RunConfig, TrainConfig)
 from modeling.registry import build_model
 from trainer.loop import Trainer

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launch.config import TrainConfig
-from launch.errors import UserError
+from core.config import TrainConfig
+from core.errors import UserError
 from trainer.distributed import DistEnv
 from trainer.engines.single import pick_device
 from trainer.optim import ScheduleSpan
@@ -64,7 +64,23 @@ def build_engine(cfg: TrainConfig, model: nn.Module, device: torch.device, world
 
         return DeepSpeedEngine(model, cfg.optim, cfg.engine, schedule, device, world_size)
     if cfg.engine.kind == "accelerate":
-        from trainer.engines.accelerate import build_accelerate_engine
-
-        return build_accelerate_engine(model, cfg.optim, cfg.engine, schedule, device, world_size)
+        return _build_accelerate_engine(cfg, model, device, world_size, schedule)
     raise AssertionError(f"unknown engine kind {cfg.engine.kind!r}")  # the config schema admits no other
+
+
+def _build_accelerate_engine(cfg: TrainConfig, model: nn.Module, device: torch.device, world_size: int, schedule: ScheduleSpan):
+    """Accelerate's strategy (DDP, FSDP or DeepSpeed), from engine.strategy or `accelerate launch`'s environment.
+    Chosen here, so that accelerate.py and fsdp.py (which builds on it) do not import each other."""
+    from trainer.engines import accelerate
+
+    strategy = accelerate.resolve_strategy(cfg.engine)
+    if cfg.engine.precision == "fp16" and device.type != "cuda":
+        raise UserError(f"engine.precision fp16 under accelerate needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
+    if strategy == "ddp":
+        return accelerate.AccelerateDDPEngine(model, cfg.optim, cfg.engine, schedule, device)
+    if strategy == "fsdp":
+        from trainer.engines.fsdp import AccelerateFSDPEngine
+
+        return AccelerateFSDPEngine(model, cfg.optim, cfg.engine, schedule, device)
+    return accelerate.AccelerateDeepSpeedEngine(model, cfg.optim, accelerate.with_launcher_deepspeed_settings(cfg.engine),
+                                                schedule, device, world_size)

@@ -36,8 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.config import EngineConfig, OptimConfig
-from launch.errors import UserError
+from core.config import EngineConfig, OptimConfig
 from trainer import distributed
 from trainer.engines.deepspeed import DeepSpeedEngine
 from trainer.engines.single import load_whole, save_whole
@@ -56,21 +55,7 @@ def resolve_strategy(engine_cfg: EngineConfig) -> str:
     return "ddp"
 
 
-def build_accelerate_engine(model: nn.Module, optim_cfg: OptimConfig, engine_cfg: EngineConfig,
-                            max_steps: int, device: torch.device, world_size: int):
-    strategy = resolve_strategy(engine_cfg)
-    if engine_cfg.precision == "fp16" and device.type != "cuda":
-        raise UserError(f"engine.precision fp16 under accelerate needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
-    if strategy == "ddp":
-        return AccelerateDDPEngine(model, optim_cfg, engine_cfg, max_steps, device)
-    if strategy == "fsdp":
-        from trainer.engines.fsdp import AccelerateFSDPEngine
-
-        return AccelerateFSDPEngine(model, optim_cfg, engine_cfg, max_steps, device)
-    return AccelerateDeepSpeedEngine(model, optim_cfg, _with_launcher_deepspeed_settings(engine_cfg), max_steps, device, world_size)
-
-
-def _with_launcher_deepspeed_settings(engine_cfg: EngineConfig) -> EngineConfig:
+def with_launcher_deepspeed_settings(engine_cfg: EngineConfig) -> EngineConfig:
     """ZeRO stage / DeepSpeed JSON from `accelerate launch --config_file` where the run config names none."""
     stage, config_file = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     changes = {}

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.config import EngineConfig, OptimConfig
-from launch.errors import UserError
+from core.config import EngineConfig, OptimConfig
+from core.errors import UserError
 from trainer.engines import expert_parallel
 from trainer.optim import build_scheduler, param_groups
 

@@ -1,7 +1,7 @@
 """Expert parallelism under the DeepSpeed engine (`engine.expert_parallel_size` = P > 1).
 
 Each MoE layer's E experts are split over P ranks (an expert-parallel group; tokens travel
-all-to-all inside it, `modeling/moe_dispatch.py`); with W ranks there are W / P such groups, and the
+all-to-all inside it, `modeling/layers/moe_dispatch.py`); with W ranks there are W / P such groups, and the
 ranks that hold the same experts form an expert-data-parallel group that averages their gradients.
 Every rank builds the whole model from the same seed, then keeps its 1/P of the experts, so the
 weights are those of the single-device model.
@@ -48,9 +48,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from launch.errors import UserError, missing_optional_module
-from modeling.moe import MoEMLP
-from modeling.moe_dispatch import shard_experts
+from core.errors import UserError, missing_optional_module
+from modeling.layers.moe import MoEMLP
+from modeling.layers.moe_dispatch import shard_experts
 from trainer import distributed
 
 EXPERTS_DIR = "experts"

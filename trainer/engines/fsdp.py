@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launch.config import EngineConfig, OptimConfig
-from launch.errors import UserError
+from core.config import EngineConfig, OptimConfig
+from core.errors import UserError
 from trainer.engines.accelerate import MIXED_PRECISION, AccelerateEngine, process_group_kwargs
 from trainer.optim import build_optimizer, build_scheduler
 

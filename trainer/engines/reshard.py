@@ -16,7 +16,7 @@ import shutil
 from argparse import Namespace
 from pathlib import Path
 
-from launch.errors import UserError
+from core.errors import UserError
 from trainer import distributed
 
 UNIVERSAL_SUFFIX = "_universal"

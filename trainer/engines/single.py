@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from launch.config import EngineConfig, OptimConfig
-from launch.errors import UserError
+from core.config import EngineConfig, OptimConfig
+from core.errors import UserError
 from trainer.optim import build_optimizer, build_scheduler
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,10 +1,10 @@
-"""Expert parallelism for `modeling.moe.MoEMLP`: each of P ranks holds 1/P of every MoE layer's
+"""Expert parallelism for `modeling.layers.moe.MoEMLP`: each of P ranks holds 1/P of every MoE layer's
 experts, and tokens travel to their experts and back with two all-to-alls per layer.
 
 The one module of modeling/ that uses torch.distributed. It creates no process group: the engine
 passes the expert-parallel group in (under DeepSpeed, DeepSpeed's own `ep_size_P` group).
 
-    from modeling.moe_dispatch import shard_experts
+    from modeling.layers.moe_dispatch import shard_experts
     layers = shard_experts(model, group)   # after init, before the optimizer sees the parameters
 
 Rank p of the group keeps experts p * L .. p * L + L - 1 (L = E / P) of every layer. Routing,
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modeling.moe import GroupedExperts, MoEMLP
+from modeling.layers.moe import GroupedExperts, MoEMLP
 
 
 class _AllToAll(torch.autograd.Function):

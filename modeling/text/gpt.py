@@ -6,7 +6,7 @@ Architecture (after karpathy/nanochat's gpt.py):
   on the final hidden state, and on q and k after rotary (QK norm)
 - grouped-query attention (n_kv_head divides n_head), causal, via scaled_dot_product_attention
 - ReLU^2 MLP of width mlp_ratio * n_embd (4 * n_embd by default), or in the blocks `moe_layers` names
-  (when moe_num_experts > 0) a top-k routed mixture of such MLPs (modeling/moe.py); the training loss
+  (when moe_num_experts > 0) a top-k routed mixture of such MLPs (modeling/layers/moe.py); the training loss
   then includes the weighted load-balancing loss
 - no biases; token embedding and lm_head untied
 - dropout (nanoGPT's three places, 0 by default): on the normed token embeddings (embd_dropout), on the
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modeling.layers import RMSNorm, RotaryEmbedding, apply_rotary, sample_tokens
-from modeling.moe import MoEFields, MoEMLP, moe_aux_loss, num_idle_expert_params
+from modeling.layers.transformer import RMSNorm, RotaryEmbedding, apply_rotary, sample_tokens
+from modeling.layers.moe import MoEFields, MoEMLP, moe_aux_loss, num_idle_expert_params
 from modeling.registry import ModelSpec, register_model
 
 DROPOUTS = ("dropout", "attn_dropout", "resid_dropout", "embd_dropout")  # the three places take `dropout` when unset

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from modeling.quantizers import ResidualVectorQuantizer
+from modeling.tokenizers.quantizers import ResidualVectorQuantizer
 from modeling.registry import ModelSpec, register_model
-from modeling.seanet import SEANetDecoder, SEANetEncoder, SEANetShape
-from modeling.signal_losses import frequency_domain_losses, l1_loss, pearson_correlation
-from modeling.tokenizer_base import TokenizerModel, check_positive
+from modeling.layers.seanet import SEANetDecoder, SEANetEncoder, SEANetShape
+from modeling.tokenizers.signal_losses import frequency_domain_losses, l1_loss, pearson_correlation
+from modeling.tokenizers.base import TokenizerModel, check_positive
 
 SENSOR_SPACES = ("source", "sensor")
 POS_DIM = 6  # sensor position (3) + orientation (3); positions given without orientation are zero-padded

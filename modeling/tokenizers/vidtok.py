@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from modeling.causal_conv import CausalConv1d, CausalConv3d, pad_past
-from modeling.quantizers import FiniteScalarQuantizer, QuantizerOutput, ResidualVectorQuantizer
+from modeling.layers.causal_conv import CausalConv1d, CausalConv3d, pad_past
+from modeling.tokenizers.quantizers import FiniteScalarQuantizer, QuantizerOutput, ResidualVectorQuantizer
 from modeling.registry import ModelSpec, register_model
-from modeling.signal_losses import covariance_loss, frequency_domain_losses, pearson_correlation
-from modeling.tokenizer_base import TokenizerModel, check_positive, run_stages
+from modeling.tokenizers.signal_losses import covariance_loss, frequency_domain_losses, pearson_correlation
+from modeling.tokenizers.base import TokenizerModel, check_positive, run_stages
 
 NORM_TYPES = ("groupnorm", "layernorm")
 

@@ -2,7 +2,7 @@
 
 Any model family can swap its MLP for one (the GPT does it for the blocks its config names):
 
-    from modeling.moe import MoEConfig, MoEMLP, moe_aux_loss
+    from modeling.layers.moe import MoEConfig, MoEMLP, moe_aux_loss
 
     mlp = MoEMLP(d_model, hidden, MoEConfig(num_experts=8, top_k=2, capacity_factor=1.25,
                                             activation="swiglu", aux_loss_weight=0.01))
@@ -29,7 +29,7 @@ Routing, for the N tokens of one call (this rank's tokens under expert paralleli
   1.0 when routing is uniform, E when every token goes to one expert.
 
 Where the experts run is the dispatcher's business: by default here, on this device; under expert
-parallelism `modeling.moe_dispatch` (the one module of modeling/ that talks to torch.distributed)
+parallelism `modeling.layers.moe_dispatch` (the one module of modeling/ that talks to torch.distributed)
 keeps 1/P of the experts per rank and exchanges tokens all-to-all. Both see the same routed,
 expert-sorted tokens, so both give the same outputs for the same weights and tokens.
 

@@ -1,4 +1,4 @@
-"""Embeddings, heads and corruption for the FlatGPT variants (modeling/flatgpt.py).
+"""Embeddings, heads and corruption for the FlatGPT variants (modeling/brain/flatgpt.py).
 
 Every embedding maps a variant's token layout to the backbone's input (B', S, D) and every head
 maps hidden states back to logits in that layout. `start` is the sequence index of the first

@@ -6,7 +6,7 @@ commands that start Ray re-run themselves inside a fresh namespace that has only
 (with 127.0.0.2 added, without which "localhost" does not resolve). This needs root
 and `ip`/`nsenter`; elsewhere (a user's workstation) commands run unconfined.
 
-    python -m launch.netns -- pytest tests      # run any command confined
+    python -m core.netns -- pytest tests      # run any command confined
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def main() -> None:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        sys.exit("usage: python -m launch.netns -- COMMAND [ARGS...]")
+        sys.exit("usage: python -m core.netns -- COMMAND [ARGS...]")
     if is_confined() or not can_confine():
         os.execvp(argv[0], argv)
     sys.exit(run_confined(argv))

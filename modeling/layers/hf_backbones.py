@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modeling.moe import MoEConfig, MoEMLP, num_idle_expert_params
+from modeling.layers.moe import MoEConfig, MoEMLP, num_idle_expert_params
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ class HFBackbone(nn.Module):
         return _import(self._spec, "modeling", self._spec.cache_cls)()
 
     def use_moe_mlp(self, layer_index: int, moe: MoEConfig) -> None:
-        """Replace a decoder layer's MLP by a routed mixture of experts as wide (modeling/moe.py)."""
+        """Replace a decoder layer's MLP by a routed mixture of experts as wide (modeling/layers/moe.py)."""
         layer = self.model.layers[layer_index]
         if not isinstance(getattr(layer, "mlp", None), nn.Module):
             raise ValueError(f"moe_num_experts: trf_class {self.trf_class!r} has no dense MLP to replace (it may route its own experts)")

@@ -2,7 +2,7 @@
 
 Encoder: conv(channels -> n_filters) -> per ratio r (in reverse order): residual blocks, ELU,
 strided conv (width x2, kernel 2r, stride r) -> LSTM with a skip -> ELU -> conv(-> dimension).
-Decoder mirrors it with transposed convs. Every conv is causal (modeling.causal_conv) and the
+Decoder mirrors it with transposed convs. Every conv is causal (modeling.layers.causal_conv) and the
 LSTM is unidirectional, so latent frame j depends on input samples < (j + 1) * hop_length only,
 and decoded sample t on latent frames <= t // hop_length only.
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from modeling.causal_conv import CausalConv1d, CausalConvTranspose1d
-from modeling.tokenizer_base import run_stages
+from modeling.layers.causal_conv import CausalConv1d, CausalConvTranspose1d
+from modeling.tokenizers.base import run_stages
 
 
 class SEANetResnetBlock(nn.Module):

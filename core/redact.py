@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launch.schema import to_dict
+from core.schema import to_dict
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential", "connection_string", "signature")
 

@@ -12,7 +12,7 @@ W tokens in time, Q RVQ levels. The model predicts the codes at time w + 1 from 
    time within each channel (causal, rotary positions = time). As brain-gen's block, the channel
    attention's output is added to the first half of the residual stream and the time attention's to
    the second, so the halves swap roles from block to block. Then an RMSNorm'd SELU feed-forward.
-   The RMSNorms (modeling/layers.py) have no gains: each feeds a linear layer, which absorbs one.
+   The RMSNorms (modeling/layers/transformer.py) have no gains: each feeds a linear layer, which absorbs one.
 3. A final RMSNorm and one linear head -> logits (B, C, W, Qu, K) for the Qu predicted levels.
 
 Only the time attention crosses time steps, and it is causal: logits at time w see inputs at times
@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modeling.gpt import KVCache
-from modeling.layers import RMSNorm, RotaryEmbedding, apply_rotary, sample_tokens
-from modeling.quantizers import ResidualVectorQuantizer
+from modeling.text.gpt import KVCache
+from modeling.layers.transformer import RMSNorm, RotaryEmbedding, apply_rotary, sample_tokens
+from modeling.tokenizers.quantizers import ResidualVectorQuantizer
 from modeling.registry import ModelSpec, build_model, model_config, register_model
 
 WEIGHTS_FILE = "model.safetensors"  # what a tokenizer checkpoint folder (or export) holds

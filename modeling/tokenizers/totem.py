@@ -6,7 +6,7 @@ univariate series (B, C, T) -> (B C, 1, T), so one model serves any channel coun
    optional learned affine map); the statistics are kept so that decoding restores the scale.
 2. A residual conv encoder downsamples time by compression_factor (stride-2 convs, a residual
    stack) to embedding_dim features per token.
-3. A VQ with an EMA codebook (modeling.quantizers) maps each token to one of codebook_size codes;
+3. A VQ with an EMA codebook (modeling.tokenizers.quantizers) maps each token to one of codebook_size codes;
    usage and perplexity are tracked, dead codes are revived from the batch.
 4. A mirrored decoder (transposed convs) reconstructs the normalised series.
 
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.quantizers import VectorQuantizer, code_histogram, entropy_from_counts
+from modeling.tokenizers.quantizers import VectorQuantizer, code_histogram, entropy_from_counts
 from modeling.registry import ModelSpec, register_model
-from modeling.tokenizer_base import TokenizerModel, check_positive, run_stages
+from modeling.tokenizers.base import TokenizerModel, check_positive, run_stages
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,14 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.flat_tokenizers import TOKENIZERS, AmplitudeTokenizer, build_flat_tokenizer
-from modeling.flatgpt_layers import (
+from modeling.tokenizers.flat import TOKENIZERS, AmplitudeTokenizer, build_flat_tokenizer
+from modeling.brain.flatgpt_layers import (
     MIX_METHODS, ChannelHead, EmbeddingCorruptor, JointRVQHead, ListEmbedding, MixEmbedding, MixHead,
     MixQuantizerEmbedding, MixRVQHead, QuantizerEmbedding, TiedHead, TiedRVQHead, TokenEmbedding, corrupt_tokens,
 )
-from modeling.layers import sample_tokens
-from modeling.hf_backbones import HFBackbone, backbone_config, backbone_spec
-from modeling.moe import MoEFields, moe_aux_loss
+from modeling.layers.transformer import sample_tokens
+from modeling.layers.hf_backbones import HFBackbone, backbone_config, backbone_spec
+from modeling.layers.moe import MoEFields, moe_aux_loss
 from modeling.registry import ModelSpec, register_model
 
 QUANTIZER_HEADS = ("joint", "tied")

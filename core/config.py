@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from launch.schema import ConfigError, apply_overrides, check_bounds, from_dict, load_yaml, option
+from core.schema import ConfigError, apply_overrides, check_bounds, from_dict, load_yaml, option
 
 # ---------------------------------------------------------------- train config
 
@@ -500,8 +500,8 @@ def _override_setting(key: str | None, overrides: list[str]) -> str | None:
 
 
 def dump_config(config: Any) -> str:
-    """YAML of `config` without credentials (see launch/redact.py): what is printed or saved."""
-    from launch.redact import public_dict
+    """YAML of `config` without credentials (see core/redact.py): what is printed or saved."""
+    from core.redact import public_dict
 
     return yaml.safe_dump(public_dict(config), sort_keys=False)
 

@@ -55,7 +55,7 @@ from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from modeling import reports
-from modeling.moe import MoEFields, MoEMLP, moe_aux_loss, num_idle_expert_params
+from modeling.layers.moe import MoEFields, MoEMLP, moe_aux_loss, num_idle_expert_params
 from modeling.reports import Reported
 from modeling.registry import ModelSpec, register_model
 
