@@ -31,6 +31,8 @@ import heapq
 import json
 import logging
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -53,6 +55,7 @@ MAX_PATTERNS = 2048  # candidate 3/4-grams kept per shard and in the running mer
 RECOUNT = 1024  # candidates recounted exactly in pass 2, per order (at most)
 PENDING_ENTRIES = 1 << 23  # sparse table entries gathered from shards before they are merged in one sort
 CACHE_BYTES = 256 << 20  # decoded samples kept from pass 1 for pass 2 (in-process runs)
+PREFETCH = 2  # shards a thread reads ahead while this process counts (in-process runs)
 
 Table = tuple[np.ndarray, np.ndarray]  # (sorted distinct uint64 codes, int64 counts)
 
@@ -104,23 +107,29 @@ def _merge_many(tables: list[Table], bound: int) -> Table:
     return codes[starts], np.add.reduceat(np.concatenate([t[1] for t in tables])[order], starts).astype(np.int64)
 
 
+def _kth_largest(values: np.ndarray, k: int):
+    """The k-th largest of `values` (k <= len): a sort, ~20x faster here than np.partition on counts,
+    which are full of ties."""
+    return np.sort(values)[len(values) - k]
+
+
 def _top(table: Table, cap: int) -> tuple[Table, int]:
     """The `cap` most frequent entries (ties: smaller codes first; still sorted by code) and the largest
-    count dropped (0: nothing dropped). O(n): a partition, no sort."""
+    count dropped (0: nothing dropped)."""
     codes, counts = table
     if len(codes) <= cap:
         return table, 0
-    kth = np.partition(counts, len(counts) - cap)[len(counts) - cap]  # the cap-th largest count (argpartition: 10x slower with ties)
+    kth = _kth_largest(counts, cap)
     keep = counts > kth
     keep[np.flatnonzero(counts == kth)[: cap - int(keep.sum())]] = True
     return (codes[keep], counts[keep]), int(counts[~keep].max())
 
 
 def _largest(values: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest values, largest first, ties by index (a stable argsort's first k, without
-    sorting everything)."""
+    """Indices of the k largest values, largest first, ties by index: a stable argsort's first k, with
+    only the candidates lexsorted."""
     if len(values) > k:
-        kth = np.partition(values, len(values) - k)[len(values) - k]
+        kth = _kth_largest(values, k)
         candidates = np.flatnonzero(values >= kth)
     else:
         candidates = np.arange(len(values))
@@ -327,21 +336,56 @@ def _decode_tokens(url: str, samples: list[tuple[str, dict]], layout: Layout) ->
     return np.stack([first, *(decoded(key, fields) for key, fields in samples[1:])])
 
 
-def count_tokens(tokens: np.ndarray, layout: Layout, max_patterns: int) -> Counts:
-    """Pass 1 over one shard's samples (B, *stored)."""
+@dataclass(frozen=True)
+class ShardIndex:
+    """One shard's n-grams, sorted once: pass 1 counts from it and pass 2 scores from it (kept with the
+    samples between the passes when they fit CACHE_BYTES)."""
+
+    tables: dict[int, Table]  # n -> the shard's distinct n-grams (base-V codes) and their counts
+    bigram_index: np.ndarray  # (B, transitions per sample) int32: each transition's row in tables[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.bigram_index.nbytes + sum(codes.nbytes + counts.nbytes for codes, counts in self.tables.values())
+
+
+def index_tokens(tokens: np.ndarray, layout: Layout) -> ShardIndex:
+    """The ShardIndex of one shard's samples (B, *stored)."""
+    vocab, tables = layout.vocab_size, {}
+    if not len(tokens):
+        return ShardIndex(tables, np.zeros((0, 0), np.int32))
+    sequences, _ = layout.sequences(tokens)
+    bigram_index = np.zeros((len(tokens), 0), np.int32)
+    for n, codes in ngram_codes(sequences, vocab, max_order(vocab)):
+        codes = codes.reshape(-1)
+        if n == 2:  # sorted with their positions, to find each transition's row
+            codes, order = _sort_with_order(codes, vocab**2)
+            starts = _runs(codes)
+            is_start = np.zeros(len(codes), np.int32)
+            is_start[starts] = 1
+            bigram_index = np.empty(len(codes), np.int32)
+            bigram_index[order] = np.cumsum(is_start, dtype=np.int32) - 1
+            tables[n] = codes[starts], _run_lengths(starts, len(codes))
+            bigram_index = bigram_index.reshape(len(tokens), -1)
+        else:
+            tables[n] = _count(codes)
+    return ShardIndex(tables, bigram_index)
+
+
+def count_tokens(tokens: np.ndarray, index: ShardIndex, layout: Layout, max_patterns: int) -> Counts:
+    """Pass 1 over one shard's samples (B, *stored) and their index."""
     vocab = layout.vocab_size
     counts = Counts(vocab)
     if not len(tokens):
         return counts
-    sequences, once = layout.sequences(tokens)
+    _, once = layout.sequences(tokens)
     counts.num_samples = len(tokens)
     counts.num_tokens = int(once.size)
     counts.unigram = np.bincount(once.reshape(-1), minlength=vocab).astype(np.int64)
     counts.ngram_totals[1] = int(once.size)
     counts.sketches[1] = _smallest(_mix(np.flatnonzero(counts.unigram).astype(np.uint64)))
-    for n, codes in ngram_codes(sequences, vocab, max_order(vocab)):
-        table = _count(codes.reshape(-1))
-        counts.ngram_totals[n] = int(codes.size)
+    for n, table in index.tables.items():
+        counts.ngram_totals[n] = int(table[1].sum())
         counts.sketches[n] = _smallest(_mix(table[0]))  # codes are unique, so are their hashes
         if n == 2:
             counts.transitions = table
@@ -362,7 +406,7 @@ def pattern_candidates(counts: Counts) -> dict[int, np.ndarray]:
     frequent (partial + slack reaches the TOP-th largest partial count), the RECOUNT likeliest at most."""
     candidates = {}
     for n, (codes, partial) in counts.patterns.items():
-        floor = np.partition(partial, len(partial) - TOP)[len(partial) - TOP] if len(partial) > TOP else 0
+        floor = _kth_largest(partial, TOP) if len(partial) > TOP else 0
         possible = partial + counts.pattern_slack.get(n, 0) >= floor
         (candidates[n], _), _ = _top((codes[possible], partial[possible]), RECOUNT)
     return candidates
@@ -400,30 +444,23 @@ class Model:
         return cls(unigram_nll, codes, -np.log(values / from_previous[previous]), pattern_candidates(counts))
 
 
-def score_tokens(tokens: np.ndarray, layout: Layout, model: Model) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """Pass 2 over one shard's samples (B, *stored): (mean bigram NLL (B,), mean unigram NLL (B,), n -> how
-    often each candidate n-gram occurs here)."""
-    recounts = {n: np.zeros(len(codes), np.int64) for n, codes in model.candidates.items()}
+def score_tokens(tokens: np.ndarray, index: ShardIndex, layout: Layout, model: Model
+                 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """Pass 2 over one shard's samples (B, *stored) and their index: (mean bigram NLL (B,), mean unigram
+    NLL (B,), n -> how often each candidate n-gram occurs here)."""
+    recounts = {}
+    for n, targets in model.candidates.items():
+        codes, counts = index.tables.get(n, (np.zeros(0, np.uint64), np.zeros(0, np.int64)))
+        rows = np.minimum(np.searchsorted(codes, targets), max(len(codes) - 1, 0))
+        recounts[n] = np.where(codes[rows] == targets, counts[rows], 0) if len(codes) else np.zeros(len(targets), np.int64)
     if not len(tokens):
         return np.zeros(0), np.zeros(0), recounts
-    vocab, num_samples = layout.vocab_size, len(tokens)
-    sequences, once = layout.sequences(tokens)  # rows sample by sample
-    bigram = np.zeros(num_samples)
-    for n, codes in ngram_codes(sequences, vocab, max([2, *model.candidates])):
-        codes = codes.reshape(-1)
-        if n == 2 and codes.size:
-            # sorted, a transition's NLL is looked up once per distinct transition of the shard
-            codes, order = _sort_with_order(codes, vocab**2)
-            starts = _runs(codes)
-            nll = model.transition_nll[np.searchsorted(model.transition_codes, codes[starts])]
-            per_sample = codes.size // num_samples
-            bigram = np.bincount(order // per_sample, weights=np.repeat(nll, _run_lengths(starts, codes.size)),
-                                 minlength=num_samples) / per_sample
-        elif n in model.candidates:
-            codes = np.sort(codes)
-            targets = model.candidates[n]
-            recounts[n] = np.searchsorted(codes, targets, "right") - np.searchsorted(codes, targets, "left")
-    unigram = model.unigram_nll[once.reshape(num_samples, -1)].mean(axis=1)
+    _, once = layout.sequences(tokens)
+    bigram = np.zeros(len(tokens))
+    if index.bigram_index.size:  # each distinct transition of the shard looked up once
+        nll = model.transition_nll[np.searchsorted(model.transition_codes, index.tables[2][0])]
+        bigram = nll[index.bigram_index].mean(axis=1)
+    unigram = model.unigram_nll[once.reshape(len(tokens), -1)].mean(axis=1)
     return bigram, unigram, recounts
 
 
@@ -613,13 +650,25 @@ def layout_of(manifest: Manifest, url: str) -> Layout:
     return Layout(int(manifest.vocab_size), grid, field_specs({TOKENS_FIELD: spec}))
 
 
-def _map(function: Callable, shards: list[ShardRecord], args: tuple, options: AnalyzeOptions) -> Iterator[Any]:
-    """function(root, shard, *args) for every shard, in shard order: here, or as Ray tasks."""
+def _map(load: Callable, work: Callable, shards: list[ShardRecord], args: tuple, options: AnalyzeOptions) -> Iterator[Any]:
+    """work(shard, *load(shard), *args) for every shard, in shard order: here, or as Ray tasks.
+
+    Here a thread loads the next PREFETCH shards while this one is worked on: loading is mostly Python
+    (tar headers), the work mostly numpy, which lets go of the GIL, so the two overlap.
+    """
     if not options.use_ray:
-        for shard in shards:
-            yield function(shard, *args)
+        with ThreadPoolExecutor(1, thread_name_prefix="analyze-read") as reader:
+            ahead = deque(reader.submit(load, shard) for shard in shards[:PREFETCH])
+            for index, shard in enumerate(shards):
+                loaded = ahead.popleft().result()
+                if index + PREFETCH < len(shards):
+                    ahead.append(reader.submit(load, shards[index + PREFETCH]))
+                yield work(shard, *loaded, *args)
         return
     import ray
+
+    def function(shard, *args):
+        return work(shard, *load(shard), *args)
 
     task = ray.remote(function)
     args = tuple(ray.put(arg) for arg in args)  # once, not once per task
@@ -658,57 +707,71 @@ def analyze(url: str, out: str | Path, options: AnalyzeOptions | None = None,
 
     # in this process, the samples of pass 1 stay for pass 2 while they fit CACHE_BYTES (one read each);
     # Ray tasks read each shard twice
-    cache: dict[str, tuple[list[str], np.ndarray]] = {}
+    cache: dict[str, tuple[list[str], np.ndarray, ShardIndex]] = {}
     cached_bytes = 0
 
-    def counted(shard, layout, max_patterns, so):
+    def read(shard):
+        return read_samples(root, shard, layout, so)
+
+    def counted(shard, keys, tokens, layout, max_patterns):
         nonlocal cached_bytes
-        keys, tokens = read_samples(root, shard, layout, so)
-        if not options.use_ray and cached_bytes + tokens.nbytes <= CACHE_BYTES:
-            cache[shard.name] = keys, tokens
-            cached_bytes += tokens.nbytes
-        return count_tokens(tokens, layout, max_patterns)
+        index = index_tokens(tokens, layout)
+        if not options.use_ray and cached_bytes + tokens.nbytes + index.nbytes <= CACHE_BYTES:
+            cache[shard.name] = keys, tokens, index
+            cached_bytes += tokens.nbytes + index.nbytes
+        return count_tokens(tokens, index, layout, max_patterns)
 
     total = Counts(layout.vocab_size)
-    for index, counts in enumerate(_map(counted, shards, (layout, options.max_patterns, so), options)):
+    for index, counts in enumerate(_map(read, counted, shards, (layout, options.max_patterns), options)):
         total.merge(counts, options.max_patterns)
         if progress:
             progress(f"counted shard {index + 1}/{len(shards)}")
     total.consolidate(options.max_patterns)
     model = Model.from_counts(total)
 
-    def scored(shard, layout, model, num_outliers, so):
-        keys, tokens = cache.pop(shard.name, None) or read_samples(root, shard, layout, so)
-        bigram, unigram, recounts = score_tokens(tokens, layout, model)
+    def cached_or_read(shard):
+        return cache.pop(shard.name, None) or (*read(shard), None)
+
+    def scored(shard, keys, tokens, index, layout, model, num_outliers):
+        bigram, unigram, recounts = score_tokens(tokens, index or index_tokens(tokens, layout), layout, model)
         return bigram, outlier_candidates(keys, shard.name, bigram, unigram, num_outliers), recounts
 
-    ranked = {name: [] for name, _, _ in OUTLIER_KINDS}
-    # a per-token NLL under the data's own MLE bigram model is at most log(number of transitions)
-    distribution = Distribution(high=math.log(max(int(total.transitions[1].sum()), 2)) + 1e-9)
-    recounts = {n: np.zeros(len(codes), np.int64) for n, codes in model.candidates.items()}
-    for index, (bigram, candidates, shard_recounts) in enumerate(
-            _map(scored, shards, (layout, model, options.num_outliers, so), options)):
-        for n, found in shard_recounts.items():
-            recounts[n] += found
-        distribution.add(bigram)
-        for name, which, sign in OUTLIER_KINDS:
-            ranked[name] = heapq.nlargest(options.num_outliers, [*ranked[name], *candidates[name]],
-                                          key=lambda entry: sign * entry[which])
-        if progress:
-            progress(f"scored shard {index + 1}/{len(shards)}")
-    report = {"dataset": url, "name": manifest.name, "kind": manifest.kind, "split": options.split,
-              "num_shards": len(shards), **summarize(total, layout, text_names(root, manifest, so), exact_patterns(total, model.candidates, recounts))}
-    report["sample_nll"] = {"bigram_mean": distribution.mean, "bigram_std": distribution.std,
-                            "bigram_p50": distribution.percentile(50), "bigram_p99": distribution.percentile(99)}
-    std = max(distribution.std, 1e-12)
-    report["outliers"] = {name: [{"key": key, "shard": shard, "bigram_nll": b, "unigram_nll": u,
-                                  "bigram_z": (b - distribution.mean) / std} for b, u, key, shard in entries]
-                          for name, entries in ranked.items()}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    from sharding.analysis_plots import draw_analysis
+    plotter = ThreadPoolExecutor(1, thread_name_prefix="analyze-plots")
+    try:
+        drawn = None
+        if options.plots:  # pass 1's PNGs are drawn while pass 2 runs (matplotlib is Python, pass 2 numpy)
+            from sharding.analysis_plots import draw_counts, draw_sample_nll
 
-    report["plots"] = [str(p) for p in draw_analysis(total, report, distribution, out)] if options.plots else []
+            drawn = plotter.submit(draw_counts, total, out)
+        ranked = {name: [] for name, _, _ in OUTLIER_KINDS}
+        # a per-token NLL under the data's own MLE bigram model is at most log(number of transitions)
+        distribution = Distribution(high=math.log(max(int(total.transitions[1].sum()), 2)) + 1e-9)
+        recounts = {n: np.zeros(len(codes), np.int64) for n, codes in model.candidates.items()}
+        for index, (bigram, candidates, shard_recounts) in enumerate(
+                _map(cached_or_read, scored, shards, (layout, model, options.num_outliers), options)):
+            for n, found in shard_recounts.items():
+                recounts[n] += found
+            distribution.add(bigram)
+            for name, which, sign in OUTLIER_KINDS:
+                ranked[name] = heapq.nlargest(options.num_outliers, [*ranked[name], *candidates[name]],
+                                              key=lambda entry: sign * entry[which])
+            if progress:
+                progress(f"scored shard {index + 1}/{len(shards)}")
+        report = {"dataset": url, "name": manifest.name, "kind": manifest.kind, "split": options.split,
+                  "num_shards": len(shards), **summarize(total, layout, text_names(root, manifest, so),
+                                                         exact_patterns(total, model.candidates, recounts))}
+        report["sample_nll"] = {"bigram_mean": distribution.mean, "bigram_std": distribution.std,
+                                "bigram_p50": distribution.percentile(50), "bigram_p99": distribution.percentile(99)}
+        std = max(distribution.std, 1e-12)
+        report["outliers"] = {name: [{"key": key, "shard": shard, "bigram_nll": b, "unigram_nll": u,
+                                      "bigram_z": (b - distribution.mean) / std} for b, u, key, shard in entries]
+                              for name, entries in ranked.items()}
+        plots = [*drawn.result(), draw_sample_nll(distribution, report["outliers"], out / "sample_nll.png")] if drawn else []
+    finally:
+        plotter.shutdown()
+    out.mkdir(parents=True, exist_ok=True)
+    report["plots"] = [str(path) for path in plots]
     storage.write_text_atomic(str(out / "analysis.json"), json.dumps(report, indent=1) + "\n")
     return report
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sharding.analysis import DENSE_HEATMAP_VOCAB, Counts, Distribution
+from sharding.analysis import DENSE_HEATMAP_VOCAB, Counts, Distribution, conditional_entropy, entropy
 
 HEATMAP_TOP = 64  # beyond DENSE_HEATMAP_VOCAB: the transitions among the most used ids
 USAGE_BINS = 1024  # usage by id: ids grouped into at most this many bins (the plot is ~800 pixels wide)
@@ -56,23 +56,23 @@ def _save(fig, path: Path, **margins) -> Path:
     return path
 
 
-def draw_analysis(counts: Counts, report: dict[str, Any], distribution: Distribution, out: Path) -> list[Path]:
+def draw_counts(counts: Counts, out: Path) -> list[Path]:
+    """The PNGs of pass 1's counts (they can be drawn while pass 2 runs)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [_usage(counts, report, out / "usage.png"), _transitions(counts, out / "transitions.png"),
-             _sample_nll(distribution, report, out / "sample_nll.png")]
+    paths = [_usage(counts, out / "usage.png"), _transitions(counts, out / "transitions.png")]
     if counts.by_height is not None:
-        paths.append(_grid_usage(report, out / "channels.png"))
+        paths.append(_grid_usage(counts, out / "channels.png"))
     return paths
 
 
-def _usage(counts: Counts, report: dict[str, Any], path: Path) -> Path:
+def _usage(counts: Counts, path: Path) -> Path:
     unigram = counts.unigram
     fig, (by_rank, by_id) = new_figure(1, 2, figsize=(11, 4))
     ranked = np.sort(unigram[unigram > 0])[::-1]
     ranks = np.unique(np.geomspace(1, max(len(ranked), 1), USAGE_BINS).astype(np.int64))  # even on the log axis
     by_rank.plot(ranks, ranked[ranks - 1] / max(ranked.sum(), 1) if len(ranked) else ranks * 0.0)
     by_rank.set(xscale="log", yscale="log", xlabel="rank", ylabel="frequency",
-                title=f"rank-frequency ({report['used_ids']} of {report['vocab_size']} ids used)")
+                title=f"rank-frequency ({len(ranked)} of {len(unigram)} ids used)")
     _plain_log(by_rank, "x", "y")
     width = -(-len(unigram) // USAGE_BINS)  # ids per bin
     binned = np.pad(unigram, (0, -len(unigram) % width)).reshape(-1, width)
@@ -80,7 +80,7 @@ def _usage(counts: Counts, report: dict[str, Any], path: Path) -> Path:
     _steps(by_id, binned.max(axis=1) + 1, edges, fill=True, alpha=0.35, label="most used id of the bin")
     _steps(by_id, binned.mean(axis=1) + 1, edges, label="bin mean")
     by_id.set(xlabel="id" if width == 1 else f"id ({width} per bin)", ylabel="count + 1", yscale="log",
-              title=f"usage by id: H1 {report['unigram_entropy_nats']:.2f} nats, H(next|prev) {report['bigram_conditional_entropy_nats']:.2f}")
+              title=f"usage by id: H1 {entropy(unigram):.2f} nats, H(next|prev) {conditional_entropy(counts.transitions, len(unigram)):.2f}")
     _plain_log(by_id, "y")
     by_id.legend(loc="upper right", fontsize=8)
     return _save(fig, path)
@@ -109,26 +109,26 @@ def _transitions(counts: Counts, path: Path) -> Path:
     return _save(fig, path, left=0.12, right=0.98)
 
 
-def _sample_nll(distribution: Distribution, report: dict[str, Any], path: Path) -> Path:
+def draw_sample_nll(distribution: Distribution, outliers: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """The distribution of per-sample likelihoods (pass 2), the most extreme samples marked."""
     edges = np.linspace(0, distribution.high, distribution.bins + 1)
     used = np.flatnonzero(distribution.histogram)
     low, high = (used[0], used[-1] + 1) if len(used) else (0, distribution.bins)
     fig, ax = new_figure(figsize=(7, 3.5))
     _steps(ax, distribution.histogram[low:high], edges[low : high + 1], fill=True)
     for name, color in (("least_likely", "tab:red"), ("most_likely", "tab:green")):
-        for outlier in report["outliers"][name][:3]:
+        for outlier in outliers[name][:3]:
             ax.axvline(outlier["bigram_nll"], color=color, linewidth=0.8)
     ax.set(xlabel="per-sample bigram NLL (nats/token)", ylabel="samples",
            title=f"sample likelihood under the data's bigram model\n({distribution.count} samples; red: least, green: most likely)")
     return _save(fig, path, left=0.1, bottom=0.15, top=0.85)
 
 
-def _grid_usage(report: dict[str, Any], path: Path) -> Path:
+def _grid_usage(counts: Counts, path: Path) -> Path:
     fig, (by_channel, by_level) = new_figure(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 1]})
-    for ax, rows, label in ((by_channel, report["by_channel"], "channel / height"), (by_level, report["by_level"], "RVQ level")):
-        entropies = [row["unigram_entropy_nats"] for row in rows]
-        ax.bar(np.arange(len(rows)), entropies, color="tab:blue")
-        ax.axhline(report["max_entropy_nats"], color="gray", linestyle="--", linewidth=0.8, label="log V")
+    for ax, rows, label in ((by_channel, counts.by_height, "channel / height"), (by_level, counts.by_level, "RVQ level")):
+        ax.bar(np.arange(len(rows)), [entropy(row) for row in rows], color="tab:blue")
+        ax.axhline(np.log(counts.vocab_size), color="gray", linestyle="--", linewidth=0.8, label="log V")
         ax.set(xlabel=label, ylabel="unigram entropy (nats)", title=f"per {label.split(' /')[0]}: entropy")
     by_channel.legend(loc="lower right")
     return _save(fig, path, left=0.07)
