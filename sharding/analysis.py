@@ -13,12 +13,28 @@ What a "sequence" is:
 - a code grid sample (T, H, W, Q) holds H*W*Q sequences, one per position and level, each along time:
   transitions and n-grams run along time, where the forecasters predict.
 
-Bounded memory: shards are streamed one at a time (each process holds one shard, its counts and the
-running totals). Counts that grow with the data are kept sparse: transitions and n-grams as sorted
-(code, count) arrays, n-gram patterns pruned to the `max_patterns` most frequent after each merge (the
-report says whether pruning happened: below the cap every count is exact), distinct-n from a
+Bounded memory: shards are streamed (a process holds a few shards, their counts and the running
+totals; pass 1's samples and ShardIndex stay for pass 2 up to CACHE_BYTES). Counts that grow with the
+data are kept sparse, as sorted (code, count) arrays: transitions exactly; distinct-n from a
 k-minimum-values sketch (exact up to `SKETCH_SIZE` distinct n-grams, an estimate within ~1% above).
-Outliers need the whole-data model, so they take a second pass over the shards.
+
+3/4-gram patterns (heavy hitters, bounded memory, exact counts): each shard keeps its `max_patterns`
+(at least TOP) most frequent n-grams with their counts; any other n-gram occurs in that shard at most `slack` times
+(the largest count it dropped). Merging sums the kept counts and the slacks, and cutting the running
+table back to `max_patterns` adds the largest count it dropped to the slack. So for every n-gram,
+partial <= true count <= partial + slack (partial = 0 for one not kept). Pass 2 recounts exactly every
+candidate whose upper bound reaches the TOP-th largest partial count (at most RECOUNT of them), so:
+- every listed count is exact;
+- `pattern_unlisted_max_count[n]` bounds the count of any n-gram not listed (the larger of the
+  largest recounted count below the list and slack + the largest partial count not recounted);
+- `patterns_exact` is true when that bound is at most the TOP-th listed count: the list is then the
+  true top TOP (ties in any order). Below `max_patterns` distinct n-grams a shard the slack is 0,
+  every n-gram is a candidate and the list is exact (small data).
+
+Speed (tests/bench/test_analyze_bench.py): counting is sorts (numpy's SIMD sort of uint64; an argsort is
+done as a sort of code and position packed in one uint64), each shard sorted once per order in pass 1
+(ShardIndex) and looked up, not sorted again, in pass 2; a thread reads the next shards while this one
+is counted and draws pass 1's PNGs during pass 2.
 
 Distributed: with `--ray` the per-shard work runs as Ray tasks on the existing Ray runtime (a local
 instance or `ray.address`); the counts merge the same way, so the result is the same.
@@ -235,7 +251,7 @@ class Counts:
                 self.transitions = _merge_many([self.transitions, *tables], bound)
             else:
                 merged = _merge_many([self.patterns[n], *tables] if n in self.patterns else tables, bound)
-                self.patterns[n], dropped = _top(merged, max_patterns)
+                self.patterns[n], dropped = _top(merged, max(max_patterns, TOP))
                 self.pattern_slack[n] = self.pattern_slack.get(n, 0) + dropped
         self._pending, self._pending_entries = {}, 0
         self._merge_pending_sketches()
@@ -390,7 +406,7 @@ def count_tokens(tokens: np.ndarray, index: ShardIndex, layout: Layout, max_patt
         if n == 2:
             counts.transitions = table
         else:  # this shard's most frequent n-grams; any other occurs here at most `slack` times
-            counts.patterns[n], counts.pattern_slack[n] = _top(table, max_patterns)
+            counts.patterns[n], counts.pattern_slack[n] = _top(table, max(max_patterns, TOP))
     if layout.grid is not None:
         grid = layout.canonical(tokens)  # (B, T, H, W, Q)
         _, _, height, _, levels = grid.shape
@@ -588,8 +604,10 @@ def summarize(counts: Counts, layout: Layout, names: Callable[[list[int]], str] 
         listed = _largest(pattern_counts, TOP)  # ties: smaller code first (codes are sorted)
         report["patterns"][str(n)] = [
             _named({"ids": decode_code(int(pattern_codes[i]), n, vocab), "count": int(pattern_counts[i])}, names) for i in listed]
-        report["pattern_unlisted_max_count"][str(n)] = bound
-        exact &= bound == 0 or (len(listed) == TOP and bound <= int(pattern_counts[listed[-1]]))
+        # an n-gram not listed: counted exactly below the list, or not a candidate (at most `bound`)
+        unlisted = max(bound, int(np.delete(pattern_counts, listed).max(initial=0)))
+        report["pattern_unlisted_max_count"][str(n)] = unlisted
+        exact &= unlisted == 0 or (len(listed) == TOP and unlisted <= int(pattern_counts[listed[-1]]))
     report["patterns_exact"] = bool(exact)
     distinct = {}
     for n, sketch in sorted(counts.sketches.items()):
