@@ -15,8 +15,9 @@ What a "sequence" is:
 
 Bounded memory: shards are streamed (a process holds a few shards, their counts and the running
 totals; pass 1's samples and ShardIndex stay for pass 2 up to CACHE_BYTES). Counts that grow with the
-data are kept sparse, as sorted (code, count) arrays: transitions exactly; distinct-n from a
-k-minimum-values sketch (exact up to `SKETCH_SIZE` distinct n-grams, an estimate within ~1% above).
+data are kept sparse, as sorted (code, count) arrays: transitions exactly; distinct-1 and -2 from
+those (exact), distinct-3 and -4 from a k-minimum-values sketch (exact up to `SKETCH_SIZE` distinct
+n-grams, an estimate within ~1% above).
 
 3/4-gram patterns (heavy hitters, bounded memory, exact counts): each shard keeps its `max_patterns`
 (at least TOP) most frequent n-grams with their counts; any other n-gram occurs in that shard at most `slack` times
@@ -100,8 +101,12 @@ def _sort_with_order(codes: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndar
     packed into the low bits and one plain sort does the work of an argsort where the bits allow."""
     bits = max(len(codes) - 1, 1).bit_length()
     if bound <= 1 << (64 - bits):
-        packed = np.sort((codes << np.uint64(bits)) | np.arange(len(codes), dtype=np.uint64))
-        return packed >> np.uint64(bits), (packed & np.uint64((1 << bits) - 1)).astype(np.intp)
+        packed = codes << np.uint64(bits)
+        packed |= np.arange(len(codes), dtype=np.uint64)
+        packed.sort()
+        order = (packed & np.uint64((1 << bits) - 1)).view(np.int64)
+        packed >>= np.uint64(bits)
+        return packed, order
     order = np.argsort(codes)
     return codes[order], order
 
@@ -206,7 +211,7 @@ class Counts:
     # partial count and at most its partial count (0 if absent) + pattern_slack[n] times (module docstring)
     patterns: dict[int, Table] = field(default_factory=dict)
     pattern_slack: dict[int, int] = field(default_factory=dict)
-    sketches: dict[int, np.ndarray] = field(default_factory=dict)  # n -> KMV sketch of n-gram hashes (sorted once merged)
+    sketches: dict[int, np.ndarray] = field(default_factory=dict)  # n (3, 4) -> KMV sketch of n-gram hashes (sorted once merged)
     ngram_totals: dict[int, int] = field(default_factory=dict)  # n -> number of n-grams
     by_height: np.ndarray | None = None  # (H, V) int64 for code grids
     by_level: np.ndarray | None = None  # (Q, V) int64
@@ -358,34 +363,27 @@ class ShardIndex:
     samples between the passes when they fit CACHE_BYTES)."""
 
     tables: dict[int, Table]  # n -> the shard's distinct n-grams (base-V codes) and their counts
-    bigram_index: np.ndarray  # (B, transitions per sample) int32: each transition's row in tables[2]
+    bigram_order: np.ndarray  # int32: the positions (sample-major) of the shard's transitions, sorted by code
 
     @property
     def nbytes(self) -> int:
-        return self.bigram_index.nbytes + sum(codes.nbytes + counts.nbytes for codes, counts in self.tables.values())
+        return self.bigram_order.nbytes + sum(codes.nbytes + counts.nbytes for codes, counts in self.tables.values())
 
 
 def index_tokens(tokens: np.ndarray, layout: Layout) -> ShardIndex:
     """The ShardIndex of one shard's samples (B, *stored)."""
-    vocab, tables = layout.vocab_size, {}
+    vocab = layout.vocab_size
     if not len(tokens):
-        return ShardIndex(tables, np.zeros((0, 0), np.int32))
-    sequences, _ = layout.sequences(tokens)
-    bigram_index = np.zeros((len(tokens), 0), np.int32)
-    for n, codes in ngram_codes(sequences, vocab, max_order(vocab)):
-        codes = codes.reshape(-1)
-        if n == 2:  # sorted with their positions, to find each transition's row
-            codes, order = _sort_with_order(codes, vocab**2)
-            starts = _runs(codes)
-            is_start = np.zeros(len(codes), np.int32)
-            is_start[starts] = 1
-            bigram_index = np.empty(len(codes), np.int32)
-            bigram_index[order] = np.cumsum(is_start, dtype=np.int32) - 1
-            tables[n] = codes[starts], _run_lengths(starts, len(codes))
-            bigram_index = bigram_index.reshape(len(tokens), -1)
-        else:
-            tables[n] = _count(codes)
-    return ShardIndex(tables, bigram_index)
+        return ShardIndex({}, np.zeros(0, np.int32))
+    codes = {n: grams.reshape(-1) for n, grams in ngram_codes(layout.sequences(tokens)[0], vocab, max_order(vocab))}
+    sorted_codes, order = _sort_with_order(codes.pop(2), vocab**2)  # the transitions with their positions
+    starts = _runs(sorted_codes)
+    tables = {2: (sorted_codes[starts], _run_lengths(starts, len(sorted_codes)))}
+    for n, grams in codes.items():  # each order is built from the one before: sorted in place once all are
+        grams.sort()
+        starts = _runs(grams)
+        tables[n] = grams[starts], _run_lengths(starts, len(grams))
+    return ShardIndex(tables, order.astype(np.int32))
 
 
 def count_tokens(tokens: np.ndarray, index: ShardIndex, layout: Layout, max_patterns: int) -> Counts:
@@ -399,13 +397,12 @@ def count_tokens(tokens: np.ndarray, index: ShardIndex, layout: Layout, max_patt
     counts.num_tokens = int(once.size)
     counts.unigram = np.bincount(once.reshape(-1), minlength=vocab).astype(np.int64)
     counts.ngram_totals[1] = int(once.size)
-    counts.sketches[1] = _smallest(_mix(np.flatnonzero(counts.unigram).astype(np.uint64)))
     for n, table in index.tables.items():
         counts.ngram_totals[n] = int(table[1].sum())
-        counts.sketches[n] = _smallest(_mix(table[0]))  # codes are unique, so are their hashes
-        if n == 2:
+        if n == 2:  # kept whole: distinct-2 is exact, no sketch
             counts.transitions = table
-        else:  # this shard's most frequent n-grams; any other occurs here at most `slack` times
+        else:
+            counts.sketches[n] = _smallest(_mix(table[0]))  # codes are unique, so are their hashes  # this shard's most frequent n-grams; any other occurs here at most `slack` times
             counts.patterns[n], counts.pattern_slack[n] = _top(table, max(max_patterns, TOP))
     if layout.grid is not None:
         grid = layout.canonical(tokens)  # (B, T, H, W, Q)
@@ -473,9 +470,11 @@ def score_tokens(tokens: np.ndarray, index: ShardIndex, layout: Layout, model: M
         return np.zeros(0), np.zeros(0), recounts
     _, once = layout.sequences(tokens)
     bigram = np.zeros(len(tokens))
-    if index.bigram_index.size:  # each distinct transition of the shard looked up once
-        nll = model.transition_nll[np.searchsorted(model.transition_codes, index.tables[2][0])]
-        bigram = nll[index.bigram_index].mean(axis=1)
+    if index.bigram_order.size:  # each distinct transition of the shard looked up once
+        codes, counts = index.tables[2]
+        nll = np.repeat(model.transition_nll[np.searchsorted(model.transition_codes, codes)], counts)
+        per_sample = len(index.bigram_order) // len(tokens)
+        bigram = np.bincount(index.bigram_order // per_sample, weights=nll, minlength=len(tokens)) / per_sample
     unigram = model.unigram_nll[once.reshape(len(tokens), -1)].mean(axis=1)
     return bigram, unigram, recounts
 
@@ -610,8 +609,9 @@ def summarize(counts: Counts, layout: Layout, names: Callable[[list[int]], str] 
         exact &= unlisted == 0 or (len(listed) == TOP and unlisted <= int(pattern_counts[listed[-1]]))
     report["patterns_exact"] = bool(exact)
     distinct = {}
-    for n, sketch in sorted(counts.sketches.items()):
-        number, exact = _sketch_estimate(sketch)
+    exactly = {1: (int((unigram > 0).sum()), True), 2: (len(counts.transitions[0]), True)}
+    for n in sorted({*exactly, *counts.sketches} & set(counts.ngram_totals)):
+        number, exact = exactly[n] if n in exactly else _sketch_estimate(counts.sketches[n])
         ngrams = counts.ngram_totals.get(n, 0)
         distinct[str(n)] = {"distinct": number, "total": ngrams, "distinct_fraction": number / max(ngrams, 1), "exact": exact}
     report["distinct_n"] = distinct
