@@ -48,8 +48,8 @@ import heapq
 import json
 import logging
 import math
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -72,7 +72,6 @@ MAX_PATTERNS = 2048  # candidate 3/4-grams kept per shard and in the running mer
 RECOUNT = 1024  # candidates recounted exactly in pass 2, per order (at most)
 PENDING_ENTRIES = 1 << 23  # sparse table entries gathered from shards before they are merged in one sort
 CACHE_BYTES = 256 << 20  # decoded samples kept from pass 1 for pass 2 (in-process runs)
-PREFETCH = 2  # shards a thread reads ahead while this process counts (in-process runs)
 
 Table = tuple[np.ndarray, np.ndarray]  # (sorted distinct uint64 codes, int64 counts)
 
@@ -671,17 +670,12 @@ def layout_of(manifest: Manifest, url: str) -> Layout:
 def _map(load: Callable, work: Callable, shards: list[ShardRecord], args: tuple, options: AnalyzeOptions) -> Iterator[Any]:
     """work(shard, *load(shard), *args) for every shard, in shard order: here, or as Ray tasks.
 
-    Here a thread loads the next PREFETCH shards while this one is worked on: loading is mostly Python
-    (tar headers), the work mostly numpy, which lets go of the GIL, so the two overlap.
+    (Loading ahead here, in a thread or a forked process, was slower or no faster: a thread because
+    loading is Python that holds the GIL, a process for the copy-on-write faults it costs this one.)
     """
     if not options.use_ray:
-        with ThreadPoolExecutor(1, thread_name_prefix="analyze-read") as reader:
-            ahead = deque(reader.submit(load, shard) for shard in shards[:PREFETCH])
-            for index, shard in enumerate(shards):
-                loaded = ahead.popleft().result()
-                if index + PREFETCH < len(shards):
-                    ahead.append(reader.submit(load, shards[index + PREFETCH]))
-                yield work(shard, *loaded, *args)
+        for shard in shards:
+            yield work(shard, *load(shard), *args)
         return
     import ray
 
@@ -703,6 +697,55 @@ def _map(load: Callable, work: Callable, shards: list[ShardRecord], args: tuple,
     while next_out in results:
         yield results.pop(next_out)
         next_out += 1
+
+
+def _can_fork() -> bool:
+    """Whether a forked helper process is safe here: Linux, and no Ray driver threads in this process."""
+    ray = sys.modules.get("ray")
+    return sys.platform == "linux" and not (ray is not None and ray.is_initialized())
+
+
+def _forked_map(function: Callable, items: list) -> Iterator[Any]:
+    """function(item) for each item, in order. Where _can_fork, a forked process started now computes them
+    ahead of the caller (the pipe holds it back: at most about one item ahead); else they are computed here
+    as the caller asks. Drawing PNGs is Python that holds the GIL: only a process runs it beside this
+    one's work (a thread slowed pass 2 about as much as it helped)."""
+    if not _can_fork():
+        return map(function, items)
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+
+    def child():
+        for item in items:
+            try:
+                result = True, function(item)
+            except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
+                send.send((False, error))
+                return
+            send.send(result)
+
+    process = context.Process(target=child, daemon=True)
+    process.start()
+    send.close()
+
+    def results() -> Iterator[Any]:
+        try:
+            for _ in items:
+                try:
+                    is_done, value = receive.recv()
+                except EOFError:
+                    process.join()
+                    raise RuntimeError(f"analyze's helper process ended early (exit code {process.exitcode})") from None
+                if not is_done:
+                    raise value
+                yield value
+        finally:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+            receive.close()
+
+    return results()
 
 
 def analyze(url: str, out: str | Path, options: AnalyzeOptions | None = None,
@@ -755,39 +798,38 @@ def analyze(url: str, out: str | Path, options: AnalyzeOptions | None = None,
         return bigram, outlier_candidates(keys, shard.name, bigram, unigram, num_outliers), recounts
 
     out = Path(out)
-    plotter = ThreadPoolExecutor(1, thread_name_prefix="analyze-plots")
-    try:
-        drawn = None
-        if options.plots:  # pass 1's PNGs are drawn while pass 2 runs (matplotlib is Python, pass 2 numpy)
-            from sharding.analysis_plots import draw_counts, draw_sample_nll
+    drawn = None
+    if options.plots:  # pass 1's PNGs are drawn while pass 2 runs
+        from sharding.analysis_plots import draw_counts, draw_sample_nll
 
-            drawn = plotter.submit(draw_counts, total, out)
-        ranked = {name: [] for name, _, _ in OUTLIER_KINDS}
-        # a per-token NLL under the data's own MLE bigram model is at most log(number of transitions)
-        distribution = Distribution(high=math.log(max(int(total.transitions[1].sum()), 2)) + 1e-9)
-        recounts = {n: np.zeros(len(codes), np.int64) for n, codes in model.candidates.items()}
-        for index, (bigram, candidates, shard_recounts) in enumerate(
-                _map(cached_or_read, scored, shards, (layout, model, options.num_outliers), options)):
-            for n, found in shard_recounts.items():
-                recounts[n] += found
-            distribution.add(bigram)
-            for name, which, sign in OUTLIER_KINDS:
-                ranked[name] = heapq.nlargest(options.num_outliers, [*ranked[name], *candidates[name]],
-                                              key=lambda entry: sign * entry[which])
-            if progress:
-                progress(f"scored shard {index + 1}/{len(shards)}")
-        report = {"dataset": url, "name": manifest.name, "kind": manifest.kind, "split": options.split,
-                  "num_shards": len(shards), **summarize(total, layout, text_names(root, manifest, so),
-                                                         exact_patterns(total, model.candidates, recounts))}
-        report["sample_nll"] = {"bigram_mean": distribution.mean, "bigram_std": distribution.std,
-                                "bigram_p50": distribution.percentile(50), "bigram_p99": distribution.percentile(99)}
-        std = max(distribution.std, 1e-12)
-        report["outliers"] = {name: [{"key": key, "shard": shard, "bigram_nll": b, "unigram_nll": u,
-                                      "bigram_z": (b - distribution.mean) / std} for b, u, key, shard in entries]
-                              for name, entries in ranked.items()}
-        plots = [*drawn.result(), draw_sample_nll(distribution, report["outliers"], out / "sample_nll.png")] if drawn else []
-    finally:
-        plotter.shutdown()
+        drawn = _forked_map(lambda counts: draw_counts(counts, out), [total])  # drawn while pass 2 runs
+    ranked = {name: [] for name, _, _ in OUTLIER_KINDS}
+    # a per-token NLL under the data's own MLE bigram model is at most log(number of transitions)
+    distribution = Distribution(high=math.log(max(int(total.transitions[1].sum()), 2)) + 1e-9)
+    recounts = {n: np.zeros(len(codes), np.int64) for n, codes in model.candidates.items()}
+    for index, (bigram, candidates, shard_recounts) in enumerate(
+            _map(cached_or_read, scored, shards, (layout, model, options.num_outliers), options)):
+        for n, found in shard_recounts.items():
+            recounts[n] += found
+        distribution.add(bigram)
+        for name, which, sign in OUTLIER_KINDS:
+            ranked[name] = heapq.nlargest(options.num_outliers, [*ranked[name], *candidates[name]],
+                                          key=lambda entry: sign * entry[which])
+        if progress:
+            progress(f"scored shard {index + 1}/{len(shards)}")
+    report = {"dataset": url, "name": manifest.name, "kind": manifest.kind, "split": options.split,
+              "num_shards": len(shards), **summarize(total, layout, text_names(root, manifest, so),
+                                                     exact_patterns(total, model.candidates, recounts))}
+    report["sample_nll"] = {"bigram_mean": distribution.mean, "bigram_std": distribution.std,
+                            "bigram_p50": distribution.percentile(50), "bigram_p99": distribution.percentile(99)}
+    std = max(distribution.std, 1e-12)
+    report["outliers"] = {name: [{"key": key, "shard": shard, "bigram_nll": b, "unigram_nll": u,
+                                  "bigram_z": (b - distribution.mean) / std} for b, u, key, shard in entries]
+                          for name, entries in ranked.items()}
+    plots = []
+    if drawn:
+        sample_nll = draw_sample_nll(distribution, report["outliers"], out / "sample_nll.png")  # the rest still drawing
+        plots = [*next(drawn), sample_nll]
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = [str(path) for path in plots]
     storage.write_text_atomic(str(out / "analysis.json"), json.dumps(report, indent=1) + "\n")
