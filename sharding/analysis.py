@@ -20,8 +20,8 @@ those (exact), distinct-3 and -4 from a k-minimum-values sketch (exact up to `SK
 n-grams, an estimate within ~1% above).
 
 3/4-gram patterns (heavy hitters, bounded memory, exact counts): each shard keeps its `max_patterns`
-(at least TOP) most frequent n-grams with their counts; any other n-gram occurs in that shard at most `slack` times
-(the largest count it dropped). Merging sums the kept counts and the slacks, and cutting the running
+(at least TOP) most frequent n-grams with their counts; any other n-gram occurs in that shard at most
+`slack` times (the largest count it dropped). Merging sums the kept counts and the slacks, and cutting the running
 table back to `max_patterns` adds the largest count it dropped to the slack. So for every n-gram,
 partial <= true count <= partial + slack (partial = 0 for one not kept). Pass 2 recounts exactly every
 candidate whose upper bound reaches the TOP-th largest partial count (at most RECOUNT of them), so:
@@ -34,8 +34,8 @@ candidate whose upper bound reaches the TOP-th largest partial count (at most RE
 
 Speed (tests/bench/test_analyze_bench.py): counting is sorts (numpy's SIMD sort of uint64; an argsort is
 done as a sort of code and position packed in one uint64), each shard sorted once per order in pass 1
-(ShardIndex) and looked up, not sorted again, in pass 2; a thread reads the next shards while this one
-is counted and draws pass 1's PNGs during pass 2.
+(ShardIndex) and looked up, not sorted again, in pass 2; no per-sample Python beyond the tar reader;
+pass 1's PNGs are drawn by a forked process while pass 2 runs (matplotlib holds the GIL).
 
 Distributed: with `--ray` the per-shard work runs as Ray tasks on the existing Ray runtime (a local
 instance or `ray.address`); the counts merge the same way, so the result is the same.
@@ -802,6 +802,7 @@ def analyze(url: str, out: str | Path, options: AnalyzeOptions | None = None,
     if options.plots:  # pass 1's PNGs are drawn while pass 2 runs
         from sharding.analysis_plots import draw_counts, draw_sample_nll
 
+        out.mkdir(parents=True, exist_ok=True)
         drawn = _forked_map(lambda counts: draw_counts(counts, out), [total])  # drawn while pass 2 runs
     ranked = {name: [] for name, _, _ in OUTLIER_KINDS}
     # a per-token NLL under the data's own MLE bigram model is at most log(number of transitions)
