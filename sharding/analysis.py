@@ -21,9 +21,9 @@ n-grams, an estimate within ~1% above).
 
 3/4-gram patterns (heavy hitters, bounded memory, exact counts): each shard keeps its `max_patterns`
 (at least TOP) most frequent n-grams with their counts; any other n-gram occurs in that shard at most
-`slack` times (the largest count it dropped). Merging sums the kept counts and the slacks, and cutting the running
-table back to `max_patterns` adds the largest count it dropped to the slack. So for every n-gram,
-partial <= true count <= partial + slack (partial = 0 for one not kept). Pass 2 recounts exactly every
+`slack` times (the largest count it dropped). Merging sums the kept counts and the slacks, and cutting
+the running table back to `max_patterns` adds the largest count it dropped to the slack. So for every
+n-gram, partial <= true count <= partial + slack (partial = 0 for one not kept). Pass 2 recounts exactly every
 candidate whose upper bound reaches the TOP-th largest partial count (at most RECOUNT of them), so:
 - every listed count is exact;
 - `pattern_unlisted_max_count[n]` bounds the count of any n-gram not listed (the larger of the
@@ -210,7 +210,7 @@ class Counts:
     # partial count and at most its partial count (0 if absent) + pattern_slack[n] times (module docstring)
     patterns: dict[int, Table] = field(default_factory=dict)
     pattern_slack: dict[int, int] = field(default_factory=dict)
-    sketches: dict[int, np.ndarray] = field(default_factory=dict)  # n (3, 4) -> KMV sketch of n-gram hashes (sorted once merged)
+    sketches: dict[int, np.ndarray] = field(default_factory=dict)  # n (3, 4) -> KMV sketch of hashes (sorted once merged)
     ngram_totals: dict[int, int] = field(default_factory=dict)  # n -> number of n-grams
     by_height: np.ndarray | None = None  # (H, V) int64 for code grids
     by_level: np.ndarray | None = None  # (Q, V) int64
@@ -401,7 +401,8 @@ def count_tokens(tokens: np.ndarray, index: ShardIndex, layout: Layout, max_patt
         if n == 2:  # kept whole: distinct-2 is exact, no sketch
             counts.transitions = table
         else:
-            counts.sketches[n] = _smallest(_mix(table[0]))  # codes are unique, so are their hashes  # this shard's most frequent n-grams; any other occurs here at most `slack` times
+            counts.sketches[n] = _smallest(_mix(table[0]))  # codes are unique, so are their hashes
+            # this shard's most frequent n-grams; any other occurs here at most `slack` times
             counts.patterns[n], counts.pattern_slack[n] = _top(table, max(max_patterns, TOP))
     if layout.grid is not None:
         grid = layout.canonical(tokens)  # (B, T, H, W, Q)

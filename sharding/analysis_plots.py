@@ -89,8 +89,9 @@ def _usage(counts: Counts, path: Path) -> Path:
     edges = np.arange(len(binned) + 1) * width
     _steps(by_id, binned.max(axis=1) + 1, edges, fill=True, alpha=0.35, label="most used id of the bin")
     _steps(by_id, binned.mean(axis=1) + 1, edges, label="bin mean")
+    h1, h_next = entropy(unigram), conditional_entropy(counts.transitions, len(unigram))
     by_id.set(xlabel="id" if width == 1 else f"id ({width} per bin)", ylabel="count + 1", yscale="log",
-              title=f"usage by id: H1 {entropy(unigram):.2f} nats, H(next|prev) {conditional_entropy(counts.transitions, len(unigram)):.2f}")
+              title=f"usage by id: H1 {h1:.2f} nats, H(next|prev) {h_next:.2f}")
     _plain_log(by_id, "y")
     by_id.legend(loc="upper right", fontsize=8)
     return _save(fig, path)
