@@ -483,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_argument("--out", help="report folder (default: DATASET/analysis for a local dataset)")
     analysis.add_argument("--split", choices=("train", "val", "all"), default="train", help="which shards (default: train)")
     analysis.add_argument("--outliers", type=positive_int, default=10, help="samples listed per outlier kind (default 10)")
-    analysis.add_argument("--max-patterns", type=positive_int, default=1 << 18,
-                          help="n-gram patterns kept per order while counting (beyond it the rarest are pruned; the report says so)")
+    analysis.add_argument("--max-patterns", type=positive_int, default=2048,
+                          help="candidate 3/4-grams kept per shard and order while counting (default 2048); the most "
+                               "frequent are recounted exactly and the report bounds any n-gram left out")
     analysis.add_argument("--no-plots", action="store_true", help="write analysis.json only (no PNGs)")
     analysis.add_argument("--ray", action="store_true", help="run the per-shard work as Ray tasks (a local instance unless --ray-address)")
     analysis.add_argument("--ray-address", help="join this Ray cluster (implies --ray)")

@@ -159,10 +159,45 @@ def test_pruned_patterns_say_so_and_keep_dominant_counts(tmp_path):
     samples = [np.concatenate([[1, 2, 3, 4] * 8, rng.integers(5, vocab, 32)])[:64] for _ in range(12)]
     root = write_dataset(tmp_path / "data", [samples[:6], samples[6:]], vocab)
     report = analyze(root, tmp_path / "out", AnalyzeOptions(max_patterns=40))
-    assert not report["patterns_exact"]
+    assert not report["patterns_exact"] and report["pattern_unlisted_max_count"]["4"] > 0
     assert report["patterns"]["4"][0]["ids"] in ([1, 2, 3, 4], [2, 3, 4, 1], [3, 4, 1, 2], [4, 1, 2, 3])
     exact = analyze(root, tmp_path / "exact")
-    assert exact["patterns_exact"] and exact["patterns"]["4"][:3] == report["patterns"]["4"][:3]
+    assert exact["patterns_exact"] and all(exact["pattern_unlisted_max_count"][n] <= exact["patterns"][n][-1]["count"] for n in "234")
+    assert exact["patterns"]["4"][:3] == report["patterns"]["4"][:3]
+
+
+def test_pattern_counts_are_exact_and_the_unlisted_bounded(tmp_path):
+    """Fewer candidates a shard than distinct n-grams (max_patterns 32 of ~300): listed counts are still
+    exact (recounted), no unlisted n-gram occurs more often than the reported bound, and the bound proves
+    the list the true top 20."""
+    rng = np.random.default_rng(7)
+    vocab, phrases = 40, [rng.integers(0, 40, 5) for _ in range(8)]
+    weights = 1 / np.arange(1, 9) ** 1.2
+
+    def sample():  # phrases of Zipf-like frequency with noise ids between them
+        ids = []
+        while len(ids) < 49:
+            ids.extend(phrases[rng.choice(8, p=weights / weights.sum())])
+            ids.extend(rng.integers(0, vocab, rng.integers(0, 3)))
+        return np.array(ids[:49])
+
+    shards = [[sample() for _ in range(25)] for _ in range(6)]
+    root = write_dataset(tmp_path / "data", shards, vocab)
+    report = analyze(root, tmp_path / "out", AnalyzeOptions(max_patterns=32, plots=False))
+    samples = [[int(t) for t in s] for shard in shards for s in shard]
+    expected = by_hand(samples, [t for s in samples for t in s[1:]], vocab)
+    grams = expected["grams"]
+    for n in (3, 4):
+        listed, bound = report["patterns"][str(n)], report["pattern_unlisted_max_count"][str(n)]
+        assert len(listed) == 20 and bound > 0
+        assert all(pattern["count"] == grams[n][tuple(pattern["ids"])] for pattern in listed)
+        unlisted = [count for gram, count in grams[n].items() if list(gram) not in [p["ids"] for p in listed]]
+        assert max(unlisted) <= bound
+        truth = sorted(grams[n].values(), reverse=True)[:20]
+        assert [p["count"] for p in listed][:5] == truth[:5]  # the phrases: far above the bound
+        assert bound <= listed[-1]["count"] and [p["count"] for p in listed] == truth
+    assert report["patterns_exact"]
+    check(report, expected)  # and everything else is exact
 
 
 def test_distinct_count_sketch():

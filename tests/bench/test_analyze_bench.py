@@ -5,7 +5,9 @@ standard library, BPE, packed sequences). In paired rounds (order rotated each r
 noise hits both alike) the ShardLoader reads and decodes every train sample once, and `analyze`
 makes its two passes (counts, then per-sample likelihoods) and writes its report and plots.
 Goal: analyze >= 0.5x the loader's tokens/s (the analysis is not the slow part); also timed without the
-PNGs, whose cost does not grow with the data.
+PNGs, whose cost does not grow with the data. Both read every shard the same way (tarfile, sha256,
+fields): that alone is ~0.7 of the loader's time, which leaves ~1.3 loader-times for counting, scoring,
+the report and the PNGs.
 
     make bench     # or: pytest -s tests/bench/test_analyze_bench.py
 """
@@ -67,5 +69,6 @@ def test_analyze_throughput(tmp_path):
           f"{row['passes_over_loader']:15.2f} {row['plots_s']:7.2f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "analyze.json").write_text(json.dumps(row, indent=1) + "\n")
-    # goal >= 0.5x (README reports whether it is met); a floor that catches a regression:
-    assert row["passes_over_loader"] >= 0.1, row
+    # goal >= 0.5x end to end (README reports whether it is met: 0.44-0.49x, ~0.57x without PNGs, on the
+    # shared 2-core machine); floors well below it that still catch a regression to the old 0.15x / 0.21x:
+    assert row["analyze_over_loader"] >= 0.3 and row["passes_over_loader"] >= 0.35, row
