@@ -319,3 +319,19 @@ def test_flavors_and_bad_configs():
     with pytest.raises(ValueError, match="input_size = 3"):
         model(torch.zeros(2, 12, 4), torch.zeros(2, 6, 2))
     assert dataclasses.asdict(model.config)["num_encoder_layers"] == 2  # resolved from num_layers, recorded
+
+
+def test_the_family_imports_no_distributed_code():
+    """DESIGN.md: model code is architecture only (torch), so every engine, DeepSpeed included, wraps it."""
+    import ast
+    from pathlib import Path
+
+    import modeling.transformer
+
+    for path in sorted(Path(modeling.transformer.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert all(name.split(".")[0] in ("torch", "modeling", "__future__", "dataclasses", "logging", "math", "typing",
+                                          "warnings") for name in imported), (path.name, imported)
+        assert not any(name.startswith("torch.distributed") for name in imported), path.name

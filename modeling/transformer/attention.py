@@ -106,7 +106,7 @@ class Attention(nn.Module):
     cache for incremental decoding) -> (B, Tq, D)."""
 
     def __init__(self, d_model: int, nhead: int, att_type: str, dropout: float, is_causal: bool, is_cross: bool,
-                 chunk_size: int = 256, num_modes: int = 32):
+                 chunk_size: int = 512, num_modes: int = 32):
         super().__init__()
         assert not (is_causal and is_cross), "cross-attention reads the whole memory"
         self.nhead = nhead
