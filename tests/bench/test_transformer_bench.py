@@ -7,7 +7,8 @@
    itself adds: the inputs, weights and the warm-up are all held before. Goal: xformer <= 0.5x standard.
 2. Training throughput of the `small` flavor on this CPU (fp32, batch 16 windows of 96 + 24 steps,
    AdamW, after warm-up), per att_type: time steps of context per second (the unit of
-   num_flops_per_token) and MFU against the fp32 matmul peak measured here (trainer.metrics).
+   num_flops_per_token) and MFU against the fp32 matmul peak measured here (trainer.metrics), in
+   paired rounds (order rotated, peak measured each round; medians), since the machine is shared.
    In-process steps of the plain model, not `python -m trainer` (no series data set here).
 
 Numbers: tests/bench/results/transformer.json, and the tables printed at the end.
@@ -31,7 +32,8 @@ SEQUENCE = 4096
 ATT_TYPES = ("standard", "xformer", "flash", "frequency")
 MIB = 2**20
 NUM_WARMUP_STEPS = 2
-NUM_STEPS = 6
+NUM_STEPS = 3
+NUM_ROUNDS = 4
 BATCH_SIZE = 16
 
 
@@ -55,7 +57,8 @@ def attention_peak(att_type: str) -> dict:
             "seconds": seconds}
 
 
-def train_throughput(att_type: str, peak_flops: float) -> dict:
+def training_step(att_type: str):
+    """A `small` model of att_type, its optimizer and batch -> a function running one training step."""
     from modeling.registry import build_model
 
     torch.manual_seed(0)
@@ -66,31 +69,54 @@ def train_throughput(att_type: str, peak_flops: float) -> dict:
     window = torch.sin(0.1 * steps[None, :, None] * (1 + torch.arange(config.input_size)) + phases)
     context, target = window[:, : config.context_length], window[:, config.context_length :, : config.output_size]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    times = []
-    for step in range(NUM_WARMUP_STEPS + NUM_STEPS):
-        start = time.perf_counter()
+
+    def step() -> float:
         loss = model(context, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
-    tokens_per_s = BATCH_SIZE * config.context_length / statistics.median(times[NUM_WARMUP_STEPS:])
-    return {"att_type": att_type, "num_params": model.num_params(), "flops_per_token": model.num_flops_per_token(),
-            "tokens_per_s": tokens_per_s, "mfu": model.num_flops_per_token() * tokens_per_s / peak_flops,
-            "kernel": model.attention_kernel, "loss": loss.item()}
+        return loss.item()
+
+    return model, step
+
+
+def train_throughput() -> tuple[dict, float]:
+    """Per att_type: median context steps/s over paired rounds (order rotated each round, the matmul
+    peak measured in each round too, so a busy spell of this shared machine hits every kernel alike)."""
+    from trainer.metrics import measure_peak_flops
+
+    runs = {att_type: training_step(att_type) for att_type in ATT_TYPES}
+    for _, step in runs.values():
+        for _ in range(NUM_WARMUP_STEPS):
+            step()
+    seconds = {att_type: [] for att_type in ATT_TYPES}
+    peaks = []
+    for round_index in range(NUM_ROUNDS):
+        peaks.append(measure_peak_flops(torch.device("cpu"), seconds=0.3))
+        order = ATT_TYPES[round_index % len(ATT_TYPES):] + ATT_TYPES[: round_index % len(ATT_TYPES)]
+        for att_type in order:
+            start = time.perf_counter()
+            for _ in range(NUM_STEPS):
+                runs[att_type][1]()
+            seconds[att_type].append((time.perf_counter() - start) / NUM_STEPS)
+    peak_flops = statistics.median(peaks)
+    results = {}
+    for att_type, (model, _) in runs.items():
+        tokens_per_s = BATCH_SIZE * model.config.context_length / statistics.median(seconds[att_type])
+        results[att_type] = {"att_type": att_type, "num_params": model.num_params(), "flops_per_token": model.num_flops_per_token(),
+                             "tokens_per_s": tokens_per_s, "mfu": model.num_flops_per_token() * tokens_per_s / peak_flops,
+                             "kernel": model.attention_kernel}
+    return results, peak_flops
 
 
 def test_transformer_bench():
-    from trainer.metrics import measure_peak_flops
-
     memory = {}
     for att_type in ATT_TYPES:
         result = subprocess.run([sys.executable, __file__, "memory", att_type], capture_output=True, text=True,
                                 cwd=Path(__file__).parent)
         assert result.returncode == 0, result.stderr[-3000:]
         memory[att_type] = json.loads(result.stdout.strip().splitlines()[-1])
-    peak_flops = measure_peak_flops(torch.device("cpu"))
-    throughput = {att_type: train_throughput(att_type, peak_flops) for att_type in ATT_TYPES}
+    throughput, peak_flops = train_throughput()
 
     standard_peak = memory["standard"]["added_peak_mib"]
     lines = [f"causal self-attention, d_model 256, 4 heads, sequence {SEQUENCE}, forward + backward:",
@@ -110,7 +136,7 @@ def test_transformer_bench():
                                                           "peak_flops": peak_flops}, indent=1))
     print("\n\n" + "\n".join(lines) + f"\n(written to {RESULTS / 'transformer.json'})")
     assert memory["xformer"]["peak_vs_standard"] <= 0.5, memory
-    assert all(row["mfu"] > 0 for row in throughput.values())
+    assert all(0 < row["mfu"] < 1 for row in throughput.values()), throughput
 
 
 if __name__ == "__main__":
