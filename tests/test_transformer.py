@@ -188,6 +188,15 @@ def test_decoder_gradients_are_causal(att_type):
         assert torch.all(seen[:t] > 0), (t, seen)
 
 
+@pytest.mark.parametrize("att_type", ["standard", "xformer", "flash", "frequency"])
+def test_dropout_acts_in_training_only(att_type):
+    plain, dropped = make_model(att_type=att_type, xformer_chunk_size=5), make_model(att_type=att_type, xformer_chunk_size=5, dropout=0.3)
+    context, target = batch(plain.config)
+    with torch.no_grad():
+        assert dropped(context, target) != dropped(context, target)  # new masks every call
+        torch.testing.assert_close(dropped.eval()(context, target), plain.eval()(context, target), rtol=0, atol=0)
+
+
 def test_a_short_overfit_lowers_the_loss():
     """A few sine waves of several periods: 80 Adam steps take the MSE to a fraction of its start."""
     model = make_model(norm_type="rms", activation="swish", dropout=0.1)
