@@ -38,6 +38,7 @@ _MODEL_MODULES = {
     "BrainOmniCausalForecast": "modeling.brain.brainomni_forecast",
     "Vidtok": "modeling.tokenizers.vidtok",
     "VidtokRVQ": "modeling.tokenizers.vidtok",
+    "TransformerForecaster": "modeling.transformer.model",
 }
 
 _REGISTRY: dict[str, "ModelSpec"] = {}
