@@ -365,6 +365,9 @@ class TimeseriesConfig:
     context_length: int = option(96, "time steps of a window the model reads (the context)", bound=">= 1")
     pred_length: int = option(24, "time steps after the context it forecasts (the target)", bound=">= 1")
     stride: int = option(1, "time steps between the starts of consecutive windows", bound=">= 1")
+    windows_per_shard: int = option(
+        0, "cut each split's windows into shards of this many (a long series makes several shards, so several ranks "
+           "read it); 0: whole files per shard, grouped by shards.source_bytes_per_shard", bound=">= 0")
     split: Literal["time", "file"] = option(
         "time", "val split: time holds out the last shards.val_fraction of every file's rows (a val window's target lies "
                 "in them, its context may reach back); file holds out whole files")

@@ -12,9 +12,10 @@ forecasting windows (context, target) in shards + manifest, on Ray Data.
     -> windows of context_length + pred_length rows every `stride` rows: a train window lies in the
       train rows; a val window's target lies in the val rows and its context may reach back into the
       train rows (the known past), so no val target is ever a train input or target
-    -> files in groups of ~shards.source_bytes_per_shard; each group makes a train shard and a val
-      shard, each built by a Ray task (sharding.shard_build: tar, then sidecar; a re-run builds
-      only the shards that are missing or stale, and starts Ray only then)
+    -> shards: files in groups of ~shards.source_bytes_per_shard, each group a train shard and a val
+      shard; or (timeseries.windows_per_shard) each split's windows in order, that many a shard, so
+      one long series makes several. Each is built by a Ray task (sharding.shard_build: tar, then
+      sidecar; a re-run builds only the shards that are missing or stale, and starts Ray only then)
     -> manifest.json last (kind "timeseries_windows").
 
 Each window is one sample, keyed source_sample_key(file, window index in the file: train windows
@@ -260,19 +261,20 @@ def normalized(table: Table, columns: list[str], stats: dict[str, dict[str, floa
 
 
 def table_windows(source: str, table: Table, cfg: TimeseriesConfig, stats: dict[str, dict[str, float]],
-                  split: str, num_val_rows: int) -> list[dict[str, Any]]:
-    """The samples of one file's `split` windows."""
+                  split: str, num_val_rows: int, first: int = 0, count: int | None = None) -> list[dict[str, Any]]:
+    """The samples of one file's `split` windows [first, first + count) (all from `first` when count is None)."""
     inputs, targets = normalized(table, cfg.input_columns, stats), normalized(table, target_columns(cfg), stats)
     train, val = window_starts(table.num_rows, num_val_rows, cfg)
-    first, starts = (0, train) if split == "train" else (len(train), val)
+    before, starts = (0, train) if split == "train" else (len(train), val)  # a file's windows: train first, then val
+    starts = starts[first:] if count is None else starts[first:first + count]
     context, samples = cfg.context_length, []
     for offset, start in enumerate(starts):
-        end = start + context
-        meta = {"source": source, "window": first + offset, "start_row": start, "split": split}
+        end, window = start + context, before + first + offset
+        meta = {"source": source, "window": window, "start_row": start, "split": split}
         if table.times is not None:
             meta["start_time"] = table.times[start]
         samples.append({
-            "__key__": source_sample_key(source, first + offset),
+            "__key__": source_sample_key(source, window),
             "context.npy": np.ascontiguousarray(inputs[start:end]),
             "target.npy": np.ascontiguousarray(targets[end:end + cfg.pred_length]),
             "last_value.npy": np.ascontiguousarray(targets[end - 1]),
@@ -331,28 +333,58 @@ class SeriesShardSpec:
     split: str
     options: dict[str, Any]  # TimeseriesConfig fields
     stats: dict[str, dict[str, float]]  # normalisation, column -> center and scale
-    pieces: list[dict[str, Any]]  # {"source", "num_rows", "num_val_rows", "num_windows"}: one file's windows of this split
+    # {"source", "num_rows", "num_val_rows", "first", "count"}: windows [first, first + count) of one file's windows of this split
+    pieces: list[dict[str, Any]]
+
+
+def _piece(scanned: ScannedTable, first: int, count: int) -> dict[str, Any]:
+    return {"source": scanned.document.source, "num_rows": scanned.num_rows, "num_val_rows": scanned.num_val_rows,
+            "first": first, "count": count}
+
+
+def _split_pieces(usable: list[ScannedTable], cfg: PrepareConfig) -> list[tuple[str, list[dict[str, Any]], list[Document]]]:
+    """(split, pieces, their files) of each shard to build: whole files grouped by source bytes (a train and a
+    val shard per group), or each split's windows in order, windows_per_shard at a time."""
+    per_shard = cfg.timeseries.windows_per_shard
+    shards = []
+    if not per_shard:
+        by_source = {scanned.document.source: scanned for scanned in usable}
+        for group in group_documents([scanned.document for scanned in usable], cfg.shards.source_bytes_per_shard):
+            for split in ("train", "val"):
+                files = [by_source[d.source] for d in group if by_source[d.source].num_windows[split]]
+                if files:
+                    shards.append((split, [_piece(s, 0, s.num_windows[split]) for s in files], [s.document for s in files]))
+        return shards
+    for split in ("train", "val"):
+        pieces, files, room = [], [], per_shard
+        for scanned in usable:
+            first, left = 0, scanned.num_windows[split]
+            while left:
+                count = min(left, room)
+                pieces.append(_piece(scanned, first, count))
+                files.append(scanned.document)
+                first, left, room = first + count, left - count, room - count
+                if room == 0:
+                    shards.append((split, pieces, files))
+                    pieces, files, room = [], [], per_shard
+        if pieces:
+            shards.append((split, pieces, files))
+    return shards
 
 
 def _shard_specs(cfg: PrepareConfig, usable: list[ScannedTable], stats: dict[str, dict[str, float]]) -> list[SeriesShardSpec]:
     shards_cfg = cfg.shards
     options = dict(cfg.timeseries.__dict__)
-    by_source = {scanned.document.source: scanned for scanned in usable}
     specs: list[SeriesShardSpec] = []
-    for group in group_documents([scanned.document for scanned in usable], shards_cfg.source_bytes_per_shard):
-        for split in ("train", "val"):
-            pieces = [{"source": d.source, "num_rows": by_source[d.source].num_rows, "num_val_rows": by_source[d.source].num_val_rows,
-                       "num_windows": by_source[d.source].num_windows[split]} for d in group if by_source[d.source].num_windows[split]]
-            if not pieces:
-                continue
-            index = len(specs)
-            name = shard_name(shards_cfg.name, index)
-            identity = {"format_version": FORMAT_VERSION, "reader_version": READER_VERSION, "name": shards_cfg.name,
-                        "index": index, "split": split, "options": options, "stats": stats, "pieces": pieces,
-                        "documents": corpus_fingerprint(group)}
-            specs.append(SeriesShardSpec(index=index, shard=name, url=storage.join(shards_cfg.output, name),
-                                         sidecar_url=storage.join(shards_cfg.output, sidecar_name(name)),
-                                         build_id=build_id(identity), split=split, options=options, stats=stats, pieces=pieces))
+    for split, pieces, group in _split_pieces(usable, cfg):
+        index = len(specs)
+        name = shard_name(shards_cfg.name, index)
+        identity = {"format_version": FORMAT_VERSION, "reader_version": READER_VERSION, "name": shards_cfg.name,
+                    "index": index, "split": split, "options": options, "stats": stats, "pieces": pieces,
+                    "documents": corpus_fingerprint(group)}
+        specs.append(SeriesShardSpec(index=index, shard=name, url=storage.join(shards_cfg.output, name),
+                                     sidecar_url=storage.join(shards_cfg.output, sidecar_name(name)),
+                                     build_id=build_id(identity), split=split, options=options, stats=stats, pieces=pieces))
     return specs
 
 
@@ -371,12 +403,12 @@ def build_series_shard(fields: dict[str, Any], storage_options: dict[str, Any] |
             table = read_table(source, path, options)
         if table.num_rows != piece["num_rows"]:
             raise UserError(f"{source}: changed while being prepared (run tokfleet prepare again)")
-        windows = table_windows(source, table, options, spec.stats, spec.split, piece["num_val_rows"])
-        assert len(windows) == piece["num_windows"], (source, len(windows), piece)
+        windows = table_windows(source, table, options, spec.stats, spec.split, piece["num_val_rows"], piece["first"], piece["count"])
+        assert len(windows) == piece["count"], (source, len(windows), piece)
         samples.extend(windows)
     written = write_shard(spec.url, samples, storage_options)
     sidecar = shard_sidecar(spec, written, split=spec.split, sources=[p["source"] for p in spec.pieces],
-                            samples_per_source=[p["num_windows"] for p in spec.pieces], fields=fields_of(samples))
+                            samples_per_source=[p["count"] for p in spec.pieces], fields=fields_of(samples))
     storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), storage_options)
     return sidecar
 

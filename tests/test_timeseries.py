@@ -1,0 +1,233 @@
+"""`tokfleet prepare` for tables of time series (source.kind timeseries) on Ray, the series_forecast task's
+batches and model sizes, and bad inputs.
+
+The series are real ones that statsmodels ships: yearly sunspot numbers 1700-2008 (written as a CSV
+with its rows shuffled, so the time column has to sort them), the Mauna Loa weekly CO2 record
+1958-2001 (Parquet, 59 empty weeks) and the US quarterly macro data 1959-2009 (several columns).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.datasets as sm_datasets
+import torch
+import yaml
+
+from conftest import cli_error
+from launch.config import PrepareConfig, ShardsConfig, SourceConfig, TimeseriesConfig
+from launch.errors import UserError
+from sharding.manifest import Manifest
+from sharding.shard_build import verify_dataset
+from sharding.shards import read_shard, source_sample_key
+from sharding.timeseries import prepare_timeseries
+from trainer.data import TASK_BATCHES, collate, num_tokens
+from trainer.series_forecast import series_model_args, window_sizes
+
+SUNSPOT_WINDOWS = dict(context_length=48, pred_length=12)
+
+
+def sunspots() -> pd.DataFrame:
+    return sm_datasets.sunspots.load_pandas().data  # YEAR 1700.0 ... 2008.0, SUNACTIVITY
+
+
+def co2() -> pd.DataFrame:
+    return sm_datasets.co2.load_pandas().data.rename_axis("date").reset_index()  # weekly, 2284 rows, 59 NaN
+
+
+def macrodata() -> pd.DataFrame:
+    return sm_datasets.macrodata.load_pandas().data  # 203 quarters, 14 columns
+
+
+def read_split(manifest: Manifest, output: str, split: str) -> list[dict]:
+    return [sample for shard in manifest.shards_of(split) for sample in read_shard(os.path.join(output, shard.name))]
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tables")
+    sunspots().sample(frac=1.0, random_state=0).to_csv(root / "sunspots.csv", index=False)  # shuffled rows
+    record = co2()
+    for index, era in enumerate(np.array_split(np.arange(len(record)), 3)):  # three consecutive eras
+        record.iloc[era].to_parquet(root / f"co2-{index}.parquet")
+    macrodata().to_csv(root / "macro.csv", index=False)
+    return root
+
+
+def sunspot_config(tables, output, **options) -> PrepareConfig:
+    return PrepareConfig(
+        source=SourceConfig(kind="timeseries", paths=[str(tables / "sunspots.csv")]),
+        timeseries=TimeseriesConfig(input_columns=["SUNACTIVITY"], time_column="YEAR", **SUNSPOT_WINDOWS, **options),
+        shards=ShardsConfig(output=str(output), name="sun", val_fraction=0.2),
+    )
+
+
+@pytest.fixture(scope="module")
+def sunspot_dataset(ray_session, tables, tmp_path_factory):  # ray_session: the test session's Ray (conftest.py)
+    """(config, report) of the sunspots: 309 years, the last 62 held out, 48 windows a shard."""
+    cfg = sunspot_config(tables, tmp_path_factory.mktemp("sunspots"), windows_per_shard=48)
+    return cfg, prepare_timeseries(cfg, progress=False)
+
+
+def test_sunspot_windows_are_the_sorted_normalised_series(sunspot_dataset, tables):
+    cfg, report = sunspot_dataset
+    manifest, output = report.manifest, cfg.shards.output
+    series = sunspots()  # in time order: what the shuffled CSV must be sorted back into
+    years, values = series["YEAR"].to_numpy(), series["SUNACTIVITY"].to_numpy()
+    num_train_rows = 309 - round(309 * 0.2)  # 247: 1700-1946
+    center, scale = values[:num_train_rows].mean(), values[:num_train_rows].std()
+    assert manifest.kind == "timeseries_windows" and manifest.seq_len == 60
+    assert manifest.stats["normalization"] == {"method": "zscore", "fitted_on": "train rows",
+                                               "columns": {"SUNACTIVITY": {"center": pytest.approx(center, rel=1e-12),
+                                                                           "scale": pytest.approx(scale, rel=1e-12)}}}
+    assert manifest.stats["num_rows"] == {"train": 247, "val": 62} and manifest.stats["num_filled"] == {"SUNACTIVITY": 0}
+    assert manifest.fields["context.npy"] == {"dtype": "float32", "shape": [48, 1], "columns": ["SUNACTIVITY"]}
+    assert manifest.fields["target.npy"] == {"dtype": "float32", "shape": [12, 1], "columns": ["SUNACTIVITY"]}
+    assert window_sizes(manifest) == {"context_length": 48, "input_size": 1, "pred_length": 12, "output_size": 1}
+    # train windows lie in the first 247 rows (188 of them); a val window's 12 targets lie in the last 62 rows
+    assert [(s.split, s.num_samples) for s in manifest.shards] == [("train", 48)] * 3 + [("train", 44), ("val", 48), ("val", 3)]
+    normalised = ((values - center) / scale).astype(np.float32)
+    source = str(tables / "sunspots.csv")
+    for split, starts, first in (("train", range(0, 188), 0), ("val", range(199, 250), 188)):
+        samples = read_split(manifest, output, split)
+        assert [s["meta"]["start_row"] for s in samples] == list(starts)
+        assert [s["__key__"] for s in samples] == [source_sample_key(source, first + i) for i in range(len(starts))]
+        for sample in samples:
+            start = sample["meta"]["start_row"]
+            np.testing.assert_array_equal(sample["context"][:, 0], normalised[start:start + 48])
+            np.testing.assert_array_equal(sample["target"][:, 0], normalised[start + 48:start + 60])
+            assert sample["last_value"][0] == normalised[start + 47] and sample["meta"]["start_time"] == years[start]
+    assert years[199 + 48] == 1947.0 and years[187 + 59] == 1946.0  # the first val target, the last train target
+    assert verify_dataset(output) == []
+    assert report.summary().startswith(f"dataset {output}: 1 files -> 188 train + 51 val windows of 60 steps in 6 shards")
+
+
+def test_rerun_builds_nothing(sunspot_dataset):
+    cfg, report = sunspot_dataset
+    again = prepare_timeseries(cfg, progress=False)
+    assert again.num_built_shards == 0 and again.manifest.to_json() == report.manifest.to_json()
+
+
+def test_co2_parquet_split_by_file_interpolated_and_robust(ray_session, tables, tmp_path):
+    """Three eras of the CO2 record, the middle one held out; its 59 empty weeks filled linearly."""
+    cfg = PrepareConfig(
+        source=SourceConfig(kind="timeseries", paths=[str(tables / "co2-*.parquet")]),
+        timeseries=TimeseriesConfig(input_columns=["co2"], time_column="date", context_length=52, pred_length=13, stride=4,
+                                    split="file", normalization="robust", missing="interpolate"),
+        shards=ShardsConfig(output=str(tmp_path / "co2"), name="co2", val_fraction=0.34, source_bytes_per_shard=1),
+    )
+    manifest = prepare_timeseries(cfg, progress=False).manifest
+    record = co2()
+    eras = [record.iloc[era].reset_index(drop=True) for era in np.array_split(np.arange(len(record)), 3)]
+    filled = [era["co2"].interpolate(limit_direction="both").to_numpy() for era in eras]  # pandas as the reference
+    train = np.concatenate([filled[0], filled[2]])
+    q25, median, q75 = np.percentile(train, [25, 50, 75])
+    stats = manifest.stats["normalization"]["columns"]["co2"]
+    assert stats == {"center": pytest.approx(median, rel=1e-12), "scale": pytest.approx((q75 - q25) / 1.349, rel=1e-12)}
+    assert manifest.stats["num_filled"] == {"co2": 59} == {"co2": int(record["co2"].isna().sum())}
+    sources = [str(tables / f"co2-{i}.parquet") for i in range(3)]
+    assert [(s.split, s.sources) for s in manifest.shards] == [("train", [sources[0]]), ("val", [sources[1]]), ("train", [sources[2]])]
+    per_file = (len(eras[1]) - 65) // 4 + 1  # every window of the held-out file, its context inside it
+    assert manifest.num_samples("val") == per_file and manifest.stats["num_rows"]["val"] == len(eras[1])
+    for split in ("train", "val"):
+        for sample in read_split(manifest, cfg.shards.output, split):
+            era = sources.index(sample["meta"]["source"])
+            start = sample["meta"]["start_row"]
+            window = (filled[era][start:start + 65] - stats["center"]) / stats["scale"]
+            np.testing.assert_allclose(np.concatenate([sample["context"][:, 0], sample["target"][:, 0]]), window, rtol=1e-6)
+            assert sample["meta"]["start_time"] == eras[era]["date"][start].isoformat()
+
+
+def test_columns_batches_and_model_sizes(ray_session, tables, tmp_path):
+    """Three macro series in, the CPI out (not an input): what the series_forecast task feeds a model."""
+    cfg = PrepareConfig(
+        source=SourceConfig(kind="timeseries", paths=[str(tables / "macro.csv")]),
+        timeseries=TimeseriesConfig(input_columns=["realgdp", "realcons", "realinv"], target_columns=["cpi"],
+                                    context_length=16, pred_length=4, stride=2),
+        shards=ShardsConfig(output=str(tmp_path / "macro"), name="macro", val_fraction=0.2),
+    )
+    manifest = prepare_timeseries(cfg, progress=False).manifest
+    data = macrodata()
+    stats = manifest.stats["normalization"]["columns"]
+    assert sorted(stats) == ["cpi", "realcons", "realgdp", "realinv"]
+    samples = read_split(manifest, cfg.shards.output, "train")
+    assert len(samples) == (203 - 41 - 20) // 2 + 1  # 41 = round(203 * 0.2) held out
+    sample = samples[5]
+    start = sample["meta"]["start_row"]
+    assert start == 10 and "start_time" not in sample["meta"]  # no time column: the file's row order
+    cpi = (data["cpi"].to_numpy() - stats["cpi"]["center"]) / stats["cpi"]["scale"]
+    np.testing.assert_allclose(sample["target"][:, 0], cpi[start + 16:start + 20], rtol=1e-6)
+    np.testing.assert_allclose(sample["last_value"], cpi[start + 15:start + 16], rtol=1e-6)
+    realinv = (data["realinv"].to_numpy() - stats["realinv"]["center"]) / stats["realinv"]["scale"]
+    np.testing.assert_allclose(sample["context"][:, 2], realinv[start:start + 16], rtol=1e-6)
+
+    fields = collate(samples[:8])
+    batch = TASK_BATCHES["series_forecast"](fields, torch.device("cpu"))
+    assert sorted(batch) == ["context", "target"]
+    assert batch["context"].shape == (8, 16, 3) and batch["target"].shape == (8, 4, 1) and batch["context"].dtype == torch.float32
+    assert num_tokens(fields) == 8 * 20  # time steps, context and target
+
+    fields_of_model = {"input_size", "output_size", "context_length", "pred_length", "d_model"}
+    args = series_model_args("TransformerForecaster", "series_forecast", fields_of_model, {"d_model": 32}, manifest, "macro")
+    assert args == {"d_model": 32, "context_length": 16, "input_size": 3, "pred_length": 4, "output_size": 1}
+    with pytest.raises(UserError, match=r"^model.args.input_size=4 does not match the windows of data.dataset macro \(input_size 3"):
+        series_model_args("TransformerForecaster", "series_forecast", fields_of_model, {"input_size": 4}, manifest, "macro")
+    with pytest.raises(UserError, match="holds time-series windows: train a series_forecast model on it"):
+        series_model_args("gpt", "causal_lm", {"vocab_size"}, {}, manifest, "macro")
+    manifest.kind = "text_tokens"
+    with pytest.raises(UserError, match="forecasts time-series windows .* holds text_tokens; prepare one with source.kind timeseries"):
+        series_model_args("TransformerForecaster", "series_forecast", fields_of_model, {}, manifest, "text")
+
+
+# ------------------------------------------------------------------ bad inputs
+
+
+def bad_macro(path):
+    data = macrodata()
+    data["cpi"] = data["cpi"].astype(object)
+    data.loc[16, "cpi"] = "1.2.3"
+    data.to_csv(path, index=False)
+
+
+def repeated_year(path):
+    data = sunspots()
+    pd.concat([data, data.iloc[[100]]]).to_csv(path, index=False)
+
+
+BAD_INPUTS = {  # name -> (file name, writer or None (the real file), timeseries options, the line's ending)
+    "missing column": ("sunspots.csv", None, {"input_columns": ["SUNACTIVITY", "sunspots"], "time_column": "YEAR"},
+                       "sunspots.csv: no column 'sunspots' (the file has 'YEAR', 'SUNACTIVITY')"),
+    "non-numeric column": ("macro.csv", bad_macro, {"input_columns": ["realgdp", "cpi"]},
+                           "macro.csv: column 'cpi' is not numeric: data row 17 holds '1.2.3'"),
+    "file not found": ("nowhere/sunspots.csv", None, {"input_columns": ["SUNACTIVITY"]}, "/nowhere/sunspots.csv']"),
+    "window longer than the series": ("sunspots.csv", None, {"input_columns": ["SUNACTIVITY"], "context_length": 300},
+                                      "has 309 rows, 62 of them held out for val; a window is timeseries.context_length "
+                                      "+ pred_length = 324 rows"),
+    "empty cell": ("co2-0.parquet", None, {"input_columns": ["co2"], "time_column": "date"},
+                   "co2-0.parquet: column 'co2' is empty at row 7 in time order (53 empty cells): fill them, or set "
+                   "timeseries.missing: interpolate"),
+    "repeated time": ("years.csv", repeated_year, {"input_columns": ["SUNACTIVITY"], "time_column": "YEAR"},
+                      "years.csv: time column 'YEAR' holds 1800.0 more than once: one row per time step (one series per file)"),
+    "not a table": ("notes.txt", lambda path: path.write_text("1 2 3\n"), {"input_columns": ["x"]},
+                    "notes.txt: not a table: source.kind timeseries reads .csv, .tsv and .parquet files; leave others "
+                    "out with source.exclude"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tables, tmp_path, capsys, name):
+    file_name, writer, options, ending = BAD_INPUTS[name]
+    path = (tmp_path if writer else tables) / file_name
+    if writer:
+        writer(path)
+    output = tmp_path / "dataset"
+    config = {"source": {"kind": "timeseries", "paths": [str(path)]},
+              "timeseries": {"pred_length": 24, **options},
+              "shards": {"output": str(output), "val_fraction": 0.2}}
+    (tmp_path / "prepare.yaml").write_text(yaml.safe_dump(config))
+    line = cli_error(capsys, ["prepare", str(tmp_path / "prepare.yaml")])
+    assert line.endswith(ending), line
+    assert not output.exists()  # every input is checked before anything is written
