@@ -50,7 +50,7 @@ from torch import nn
 from modeling import reports
 from modeling.reports import Reported
 
-ACTIVATIONS = ("relu2", "gelu", "silu", "swiglu")
+ACTIVATIONS = ("relu2", "relu", "gelu", "silu", "swiglu")
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ class MoEConfig:
     top_k: int = field(default=2, metadata={"help": "experts each token is sent to (k <= E)"})
     capacity_factor: float = field(default=1.25, metadata={
         "help": "training: an expert takes at most ceil(factor * k * tokens / E) tokens, the rest are dropped; <= 0: no limit"})
-    activation: Literal["relu2", "gelu", "silu", "swiglu"] = field(default="relu2", metadata={
-        "help": "expert MLP: relu2 (nanochat), gelu, silu, or swiglu (silu(x W_gate) * x W_in, as Llama/Qwen)"})
+    activation: Literal["relu2", "relu", "gelu", "silu", "swiglu"] = field(default="relu2", metadata={
+        "help": "expert MLP: relu2 (nanochat), relu, gelu, silu, or swiglu (silu(x W_gate) * x W_in, as Llama/Qwen)"})
     aux_loss_weight: float = field(default=0.01, metadata={"help": "weight of this layer's load-balancing loss in the training loss"})
 
     def __post_init__(self):
@@ -196,6 +196,8 @@ class GroupedExperts(nn.Module):
         h_nH = x_nD @ self.w_in[index]
         if self.activation == "relu2":
             h_nH = F.relu(h_nH).square()
+        elif self.activation == "relu":
+            h_nH = F.relu(h_nH)
         elif self.activation == "gelu":
             h_nH = F.gelu(h_nH)
         elif self.activation == "silu":

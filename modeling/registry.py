@@ -38,6 +38,7 @@ _MODEL_MODULES = {
     "BrainOmniCausalForecast": "modeling.brainomni_forecast",
     "Vidtok": "modeling.vidtok",
     "VidtokRVQ": "modeling.vidtok",
+    "TransformerForecaster": "modeling.transformer.model",
 }
 
 _REGISTRY: dict[str, "ModelSpec"] = {}
