@@ -8,6 +8,7 @@ with its rows shuffled, so the time column has to sort them), the Mauna Loa week
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -168,7 +169,7 @@ def test_columns_batches_and_model_sizes(ray_session, tables, tmp_path):
     batch = TASK_BATCHES["series_forecast"](fields, torch.device("cpu"))
     assert sorted(batch) == ["context", "target"]
     assert batch["context"].shape == (8, 16, 3) and batch["target"].shape == (8, 4, 1) and batch["context"].dtype == torch.float32
-    assert num_tokens(fields) == 8 * 20  # time steps, context and target
+    assert num_tokens(fields) == 8 * 16  # context steps: TransformerForecaster.num_flops_per_token's unit
 
     fields_of_model = {"input_size", "output_size", "context_length", "pred_length", "d_model"}
     args = series_model_args("TransformerForecaster", "series_forecast", fields_of_model, {"d_model": 32}, manifest, "macro")
@@ -231,3 +232,87 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tables, tmp_path, ca
     line = cli_error(capsys, ["prepare", str(tmp_path / "prepare.yaml")])
     assert line.endswith(ending), line
     assert not output.exists()  # every input is checked before anything is written
+
+
+# ------------------------------------------------------------------ TransformerForecaster on the sunspots
+
+
+@pytest.fixture(scope="module")
+def sunspot_run(sunspot_dataset, tmp_path_factory):
+    """TransformerForecaster (debug) trained 30 steps on the sunspots: its run dir and summary."""
+    from launch.config import TrainConfig, load_config
+    from trainer.loop import Trainer
+
+    cfg, _ = sunspot_dataset
+    root = tmp_path_factory.mktemp("sunspot-run")
+    config = {
+        "run": {"name": "sunspots", "output_dir": str(root / "run"), "max_steps": 30, "seed": 3, "device": "cpu"},
+        "model": {"name": "TransformerForecaster", "flavor": "debug"},
+        "data": {"dataset": cfg.shards.output, "num_streams": 4},
+        "optim": {"lr": 3e-3, "warmup_steps": 5, "micro_batch_size": 16},
+        "engine": {"peak_flops": 1e11},
+        "checkpoint": {"every_steps": 0},
+        "logging": {"every_steps": 1, "progress": False, "wandb": False},
+        "eval": {"every_steps": 30, "num_batches": 2},
+    }
+    (root / "train.yaml").write_text(yaml.safe_dump(config))
+    summary = Trainer(load_config(str(root / "train.yaml"), TrainConfig, [])).train()
+    return root, summary
+
+
+def test_transformer_learns_the_sunspots_and_beats_the_last_value(sunspot_run, capsys):
+    from trainer.checkpoint import read_trainer_state
+    from trainer.metrics import read_metrics
+
+    root, summary = sunspot_run
+    run = root / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]  # 0.90 -> 0.34 here
+    assert records[-1]["mfu"] > 0 and records[-1]["tokens"] == 30 * 16 * 48  # context steps
+    args = read_trainer_state(summary["checkpoint"])["model"]["args"]
+    assert (args["input_size"], args["output_size"], args["context_length"], args["pred_length"]) == (1, 1, 48, 12)
+
+    capsys.readouterr()
+    from launch.cli import main
+
+    main(["forecast", str(run), "--num-windows", "64", "--out", str(root / "forecast")])
+    out = capsys.readouterr().out
+    assert "forecast TransformerForecaster, 51 windows of" in out and "persistence" in out
+    report = json.loads((root / "forecast" / "forecast.json").read_text())
+    model, naive = (report["metrics"][name]["normalized"]["mse"] for name in ("model", "persistence"))
+    assert report["finite"] and report["num_windows"] == 51 and report["horizon"] == {"steps": 12}
+    assert model < 0.9 * naive  # 3.5 vs 4.5: the last value is a poor guess 12 years ahead of an 11-year cycle
+    assert report["baselines_vs_model"]["persistence"]["mse_ratio_to_model"] == pytest.approx(naive / model)
+    # the table's units: the sunspot number, so MSE scales by the normalisation's scale squared
+    scale = Manifest.read(str(report["data"]).split(" [")[0]).stats["normalization"]["columns"]["SUNACTIVITY"]["scale"]
+    assert report["metrics"]["model"]["physical"]["SUNACTIVITY"]["mse"] == pytest.approx(model * scale ** 2, rel=1e-9)
+    for path in report["outputs"]:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_window_size_mismatches_exit_2(sunspot_run, capsys):
+    root, _ = sunspot_run
+    line = cli_error(capsys, ["train", str(root / "train.yaml"), "--set", "model.args.context_length=32",
+                              "--set", f"run.output_dir={root / 'other'}"])
+    assert "model.args.context_length=32 does not match the windows of data.dataset" in line
+    assert line.endswith("(context_length 48, context.npy shape [48, 1]): leave it out, it comes from the data")
+    line = cli_error(capsys, ["forecast", str(root / "run"), "--horizon", "13", "--out", str(root / "x")])
+    assert line.endswith("hold the true values of 12 steps after the context")
+
+
+def test_zero2_two_ranks_resume_with_the_same_losses(sunspot_dataset, tmp_path):
+    """2 ranks under the deepspeed launcher, ZeRO-2: 4 steps straight == 2 steps, stop, resume, 2 steps."""
+    from test_distributed import Runs, losses
+
+    cfg, _ = sunspot_dataset
+    runs = Runs(tmp_path, cfg.shards.output, "zero2")
+    sections = dict(model={"name": "TransformerForecaster", "flavor": "debug"}, run={"max_steps": 4},
+                    checkpoint={"every_steps": 2}, data={"val_split": "train"}, eval={"every_steps": 0, "num_batches": 1})
+    runs.run(2, runs.config("two", 2, **sections))
+    runs.from_checkpoint("two", 2, "resumed")
+    runs.run(2, runs.config("resumed", 2, **sections), "--resume", "auto")
+    straight, resumed = losses(tmp_path / "two"), losses(tmp_path / "resumed")
+    assert sorted(straight) == [1, 2, 3, 4] and resumed == straight  # bit for bit
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["engine_info"]["zero_stage"] == 2

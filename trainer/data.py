@@ -80,13 +80,13 @@ TASK_BATCHES = {"causal_lm": causal_lm_batch, "token_chunks": token_chunks_batch
 
 def num_tokens(fields: dict[str, torch.Tensor]) -> int:
     """What throughput and MFU count in a micro-batch: the positions a token model reads (T of the
-    T+1 stored per sample), every input value of a signal or video model, or the time steps of a
-    time-series window, context and target (the unit of its num_flops_per_token)."""
+    T+1 stored per sample), every input value of a signal or video model, or the context steps of a
+    time-series window (the unit of its num_flops_per_token)."""
     if "tokens" in fields:
         batch_size, stored = fields["tokens"].shape[:2]
         return batch_size * (stored - 1)
     if "context" in fields and "target" in fields:  # (B, context_length, input_size), (B, pred_length, output_size)
-        return fields["context"].shape[0] * (fields["context"].shape[1] + fields["target"].shape[1])
+        return fields["context"].shape[0] * fields["context"].shape[1]
     return sum(fields[name].numel() for name in ("signal", "video") if name in fields)
 
 
