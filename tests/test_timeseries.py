@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ import torch
 import yaml
 
 from conftest import cli_error
-from launch.config import PrepareConfig, ShardsConfig, SourceConfig, TimeseriesConfig
+from launch.config import PrepareConfig, ShardsConfig, SourceConfig, TimeseriesConfig, TrainConfig, load_config, save_config
 from launch.errors import UserError
 from sharding.manifest import Manifest
 from sharding.shard_build import verify_dataset
@@ -28,7 +29,9 @@ from sharding.timeseries import prepare_timeseries
 from trainer.data import TASK_BATCHES, collate, num_tokens
 from trainer.series_forecast import series_model_args, window_sizes
 
-SUNSPOT_WINDOWS = dict(context_length=48, pred_length=12)
+REPO = Path(__file__).resolve().parents[1]
+PREPARE_YAML = REPO / "configs" / "timeseries" / "prepare_sunspots.yaml"
+TRAIN_YAML = REPO / "configs" / "timeseries" / "train_transformer_sunspots.yaml"
 
 
 def sunspots() -> pd.DataFrame:
@@ -58,18 +61,11 @@ def tables(tmp_path_factory):
     return root
 
 
-def sunspot_config(tables, output, **options) -> PrepareConfig:
-    return PrepareConfig(
-        source=SourceConfig(kind="timeseries", paths=[str(tables / "sunspots.csv")]),
-        timeseries=TimeseriesConfig(input_columns=["SUNACTIVITY"], time_column="YEAR", **SUNSPOT_WINDOWS, **options),
-        shards=ShardsConfig(output=str(output), name="sun", val_fraction=0.2),
-    )
-
-
 @pytest.fixture(scope="module")
 def sunspot_dataset(ray_session, tables, tmp_path_factory):  # ray_session: the test session's Ray (conftest.py)
-    """(config, report) of the sunspots: 309 years, the last 62 held out, 48 windows a shard."""
-    cfg = sunspot_config(tables, tmp_path_factory.mktemp("sunspots"), windows_per_shard=48)
+    """(config, report) of configs/timeseries/prepare_sunspots.yaml: 309 years, the last 62 held out, 48 windows a shard."""
+    output = tmp_path_factory.mktemp("sunspots")
+    cfg = load_config(PREPARE_YAML, PrepareConfig, [f"source.paths=['{tables / 'sunspots.csv'}']", f"shards.output={output}"])
     return cfg, prepare_timeseries(cfg, progress=False)
 
 
@@ -239,24 +235,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tables, tmp_path, ca
 
 @pytest.fixture(scope="module")
 def sunspot_run(sunspot_dataset, tmp_path_factory):
-    """TransformerForecaster (debug) trained 30 steps on the sunspots: its run dir and summary."""
-    from launch.config import TrainConfig, load_config
+    """configs/timeseries/train_transformer_sunspots.yaml, the debug flavor 30 steps: (run root, summary)."""
     from trainer.loop import Trainer
 
     cfg, _ = sunspot_dataset
     root = tmp_path_factory.mktemp("sunspot-run")
-    config = {
-        "run": {"name": "sunspots", "output_dir": str(root / "run"), "max_steps": 30, "seed": 3, "device": "cpu"},
-        "model": {"name": "TransformerForecaster", "flavor": "debug"},
-        "data": {"dataset": cfg.shards.output, "num_streams": 4},
-        "optim": {"lr": 3e-3, "warmup_steps": 5, "micro_batch_size": 16},
-        "engine": {"peak_flops": 1e11},
-        "checkpoint": {"every_steps": 0},
-        "logging": {"every_steps": 1, "progress": False, "wandb": False},
-        "eval": {"every_steps": 30, "num_batches": 2},
-    }
-    (root / "train.yaml").write_text(yaml.safe_dump(config))
-    summary = Trainer(load_config(str(root / "train.yaml"), TrainConfig, [])).train()
+    overrides = {"run.output_dir": root / "run", "run.max_steps": 30, "run.seed": 3, "run.device": "cpu", "model.flavor": "debug",
+                 "data.dataset": cfg.shards.output, "optim.lr": 3e-3, "optim.warmup_steps": 5, "optim.micro_batch_size": 16,
+                 "engine.peak_flops": 1e11, "checkpoint.every_steps": 0, "checkpoint.keep_best": None,
+                 "logging.every_steps": 1, "logging.progress": False, "eval.every_steps": 30}
+    config = load_config(TRAIN_YAML, TrainConfig, [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
+    save_config(config, root / "train.yaml")
+    summary = Trainer(config).train()
     return root, summary
 
 
