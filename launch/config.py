@@ -375,7 +375,8 @@ class TimeseriesConfig:
         "zscore", "per column over the train rows of all files: zscore (mean, std), robust (median, IQR / 1.349) or none; "
                   "stored in the manifest")
     missing: Literal["error", "interpolate"] = option(
-        "error", "an empty (NaN) cell: an error naming it, or filled linearly in time (the nearest value at the ends)")
+        "error", "an empty (NaN) cell: an error naming it, or interpolated linearly between its neighbouring rows (the nearest "
+                 "value at the ends)")
 
     def __post_init__(self):
         check_bounds(self, "timeseries")
