@@ -291,6 +291,19 @@ def test_window_size_mismatches_exit_2(sunspot_run, capsys):
     assert line.endswith("hold the true values of 12 steps after the context")
 
 
+def test_forecast_refuses_windows_normalised_otherwise(sunspot_run, sunspot_dataset, capsys):
+    """The same years, windows and sizes, but robust statistics: the model's inputs would be off scale."""
+    root, _ = sunspot_run
+    cfg, _ = sunspot_dataset
+    robust = load_config(PREPARE_YAML, PrepareConfig, [f"source.paths={cfg.source.paths}", f"shards.output={root / 'robust'}",
+                                                       "timeseries.normalization=robust"])
+    prepare_timeseries(robust, progress=False)
+    line = cli_error(capsys, ["forecast", str(root / "run"), "--data", str(root / "robust"), "--out", str(root / "x")])
+    assert line.endswith(f"--data {root / 'robust'}: normalised with other statistics (robust) than the windows the model "
+                         f"trained on (zscore, {cfg.shards.output})")
+    assert not (root / "x").exists()
+
+
 def test_zero2_two_ranks_resume_with_the_same_losses(sunspot_dataset, tmp_path):
     """2 ranks under the deepspeed launcher, ZeRO-2: 4 steps straight == 2 steps, stop, resume, 2 steps."""
     from test_distributed import Runs, losses

@@ -93,6 +93,24 @@ def _check_request(request: Any, state: dict[str, Any]) -> None:
         raise UserError(f"--num-samples/--temperature/--top-k: {name} forecasts one value per step (nothing to sample)")
 
 
+def _check_same_series(manifest: Manifest, data: str, trained_on: str) -> None:
+    """A UserError when --data holds other columns, or normalises them otherwise, than the dataset the model
+    trained on (when that one is still there to compare with)."""
+    from sharding.manifest import manifest_url
+
+    if not storage.exists(manifest_url(trained_on)):
+        return
+    trained = Manifest.read(trained_on)
+    for field, what in (("context.npy", "input"), ("target.npy", "target")):
+        now, then = manifest.fields[field].get("columns"), trained.fields[field].get("columns")
+        if now != then:
+            raise UserError(f"--data {data}: {what} columns {now}, but the model trained on {then} ({trained_on})")
+    now, then = manifest.stats["normalization"], trained.stats["normalization"]
+    if now != then:
+        raise UserError(f"--data {data}: normalised with other statistics ({now['method']}) than the windows the model "
+                        f"trained on ({then['method']}, {trained_on})")
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, context: np.ndarray, horizon: int, device: torch.device) -> np.ndarray:
     """(B, horizon, output_size) float64 forecasts of contexts (B, context_length, input_size)."""
@@ -109,8 +127,11 @@ def forecast_series(request: Any, model: torch.nn.Module, state: dict[str, Any],
     from trainer.forecast import baselines, scores
 
     _check_request(request, state)
-    data = request.data or state["config"]["data"]["dataset"]
+    trained_on = state["config"]["data"]["dataset"]
+    data = request.data or trained_on
     manifest, samples = read_windows(data, request.split, request.num_windows)
+    if data != trained_on:
+        _check_same_series(manifest, data, trained_on)
     sizes, args = window_sizes(manifest), state["model"]["args"]
     differ = [f"{name} {sizes[name]} (model: {args[name]})" for name in WINDOW_SIZES if name in args and args[name] != sizes[name]]
     if differ:
