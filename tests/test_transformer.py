@@ -15,7 +15,8 @@ from modeling import reports
 from modeling.moe import MoEMLP
 from modeling.registry import build_model, get_model_spec, model_config
 from modeling.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder, TransformerForecaster
-from modeling.transformer.attention import chunked_attention, sdpa_attention, spectral_tokens, standard_attention
+from modeling.transformer.attention import sdpa_attention, spectral_tokens, standard_attention
+from modeling.transformer.chunked_attention import ChunkedAttention, chunked_attention
 from modeling.transformer.norms import AdaptiveNorm
 
 TINY = dict(input_size=3, output_size=2, context_length=12, pred_length=6, d_model=16, nhead=2, num_layers=2,
@@ -85,6 +86,18 @@ def test_attention_kernels_agree(is_causal):
     for other in results[1:]:
         for expected, actual in zip(results[0], other):
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "full"])
+def test_chunked_attention_backward_with_dropout_is_its_gradient(is_causal):
+    """gradcheck (fp64) of the hand-written block backward, with dropout: the masks are replayed."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 11, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: ChunkedAttention.apply(q, k, v, is_causal, 4, 0.3, 1234), (q, k, v))
+    # the same seed drops the same weights: with dropout 0.3 about 30% of them are gone
+    out = ChunkedAttention.apply(q, k, v, is_causal, 4, 0.3, 1234)
+    torch.testing.assert_close(out, ChunkedAttention.apply(q, k, v, is_causal, 4, 0.3, 1234))
+    assert not torch.allclose(out, standard_attention(q, k, v, is_causal))
 
 
 def test_standard_xformer_and_flash_models_agree_on_the_same_weights():
@@ -173,6 +186,15 @@ def test_decoder_gradients_are_causal(att_type):
         seen = grad[0].abs().sum(dim=-1)  # (Tp,): how much step t's prediction depends on each target step
         assert torch.all(seen[t:] == 0), (t, seen)  # not on its own target, nor later ones (teacher forcing)
         assert torch.all(seen[:t] > 0), (t, seen)
+
+
+@pytest.mark.parametrize("att_type", ["standard", "xformer", "flash", "frequency"])
+def test_dropout_acts_in_training_only(att_type):
+    plain, dropped = make_model(att_type=att_type, xformer_chunk_size=5), make_model(att_type=att_type, xformer_chunk_size=5, dropout=0.3)
+    context, target = batch(plain.config)
+    with torch.no_grad():
+        assert dropped(context, target) != dropped(context, target)  # new masks every call
+        torch.testing.assert_close(dropped.eval()(context, target), plain.eval()(context, target), rtol=0, atol=0)
 
 
 def test_a_short_overfit_lowers_the_loss():
@@ -306,3 +328,19 @@ def test_flavors_and_bad_configs():
     with pytest.raises(ValueError, match="input_size = 3"):
         model(torch.zeros(2, 12, 4), torch.zeros(2, 6, 2))
     assert dataclasses.asdict(model.config)["num_encoder_layers"] == 2  # resolved from num_layers, recorded
+
+
+def test_the_family_imports_no_distributed_code():
+    """DESIGN.md: model code is architecture only (torch), so every engine, DeepSpeed included, wraps it."""
+    import ast
+    from pathlib import Path
+
+    import modeling.transformer
+
+    for path in sorted(Path(modeling.transformer.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert all(name.split(".")[0] in ("torch", "modeling", "__future__", "dataclasses", "logging", "math", "typing",
+                                          "warnings") for name in imported), (path.name, imported)
+        assert not any(name.startswith("torch.distributed") for name in imported), path.name

@@ -1,11 +1,9 @@
 """Multi-head attention of the configurable transformer, with the seed's four kernels (`att_type`).
 
 - standard: softmax(Q K^T / sqrt(Dh)) V written out; the (Tq, Tk) score matrix is materialised.
-- xformer: memory-efficient. Queries go in chunks of `xformer_chunk_size`; each chunk's exact softmax
-  over its keys is computed, used and dropped, and under autograd each chunk is recomputed in the
-  backward pass (torch.utils.checkpoint), so neither pass holds more than one (chunk, Tk) score block:
-  memory O(chunk x T) instead of O(T x T). Causal chunks only read the keys up to their last query.
-  Pure torch, so it runs on any device; it computes the same attention as standard.
+- xformer: memory-efficient exact attention in pure torch (chunked_attention.py): (chunk, chunk)
+  blocks of scores folded into an online softmax, recomputed in the backward, never a (Tq, Tk)
+  matrix; runs on any device and computes the same attention as standard.
 - flash: torch's fused F.scaled_dot_product_attention, with the backend picked through SDPA's backend
   selection (torch.nn.attention.sdpa_kernel): FLASH_ATTENTION first, then EFFICIENT_ATTENTION,
   CUDNN_ATTENTION and MATH; the first that runs these inputs is kept for them. On CUDA that is the
@@ -28,7 +26,6 @@ Shapes: B batch, H heads, Dh head_dim, D = H * Dh, Tq queries, Tk keys, C chunk.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import warnings
@@ -37,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
+
+from modeling.transformer.chunked_attention import chunked_attention
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +60,6 @@ def standard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
     return weights @ v
-
-
-def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, chunk_size: int,
-                      dropout_p: float = 0.0) -> torch.Tensor:
-    """standard_attention one chunk of queries at a time, never holding the (Tq, Tk) scores.
-
-    Under autograd each chunk is checkpointed: the backward recomputes its (C, Tk) block instead of
-    keeping it, so peak memory grows with C x Tk, not Tq x Tk (dropout masks are replayed exactly:
-    checkpoint restores the RNG state).
-    """
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    outputs = []
-    for start in range(0, q.size(2), chunk_size):
-        end = min(start + chunk_size, q.size(2))
-        num_keys = end if is_causal else k.size(2)  # a causal chunk sees no key past its last query
-        chunk = functools.partial(standard_attention, is_causal=is_causal, dropout_p=dropout_p, first_query=start)
-        args = (q[:, :, start:end], k[:, :, :num_keys], v[:, :, :num_keys])
-        outputs.append(checkpoint(chunk, *args, use_reentrant=False) if needs_grad else chunk(*args))
-    return torch.cat(outputs, dim=2)  # (B, H, Tq, Dh)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
@@ -127,7 +106,7 @@ class Attention(nn.Module):
     cache for incremental decoding) -> (B, Tq, D)."""
 
     def __init__(self, d_model: int, nhead: int, att_type: str, dropout: float, is_causal: bool, is_cross: bool,
-                 chunk_size: int = 256, num_modes: int = 32):
+                 chunk_size: int = 512, num_modes: int = 32):
         super().__init__()
         assert not (is_causal and is_cross), "cross-attention reads the whole memory"
         self.nhead = nhead

@@ -35,7 +35,7 @@ class TransformerConfig(MoEFields):
     att_type: str = field(default="standard", metadata={
         "help": "attention kernel: standard (explicit softmax(QK^T)V), xformer (query-chunked, never T x T), "
                 "flash (scaled_dot_product_attention, flash backend first), frequency (keys/values as Fourier modes)"})
-    xformer_chunk_size: int = field(default=256, metadata={"help": "xformer: queries per chunk (memory ~ chunk x keys)"})
+    xformer_chunk_size: int = field(default=512, metadata={"help": "xformer: queries and keys per block (memory ~ block x block, not T x T)"})
     frequency_modes: int = field(default=32, metadata={
         "help": "frequency: lowest Fourier modes of the keys/values kept (each gives a real and an imaginary token)"})
     norm_type: str = field(default="layer", metadata={

@@ -49,6 +49,7 @@ class TransformerForecaster(nn.Module):
         self.start_proj = nn.Linear(config.input_size, config.output_size)
         self.last_report: dict[str, reports.Reported] = {}
         self.attention_kernel: str | None = None  # which kernel(s) the last forward's attention ran
+        self._attention_modules = tuple(m for m in self.modules() if isinstance(m, Attention))  # a tuple: not registered
         self._flops_per_step: int | None = None
 
     # ------------------------------------------------------------------ build
@@ -152,7 +153,7 @@ class TransformerForecaster(nn.Module):
         self._note_kernels()
         self.last_report = {"mse": reports.mean(mse, error.numel()), "mae": reports.mean(error.abs().mean(), error.numel())}
         if self.config.att_type == "flash":  # 1.0 where every attention ran SDPA's flash backend
-            is_flash = float(all(m.kernel == "sdpa:FLASH_ATTENTION" for m in self._attentions() if m.att_type == "flash"))
+            is_flash = float(all(m.kernel == "sdpa:FLASH_ATTENTION" for m in self._attention_modules if m.att_type == "flash"))
             self.last_report["attention/flash_kernel"] = reports.mean(torch.tensor(is_flash), 1)
         aux_loss = moe_aux_loss(self.modules()) if self.training else None
         return mse if aux_loss is None else mse + aux_loss
@@ -175,11 +176,8 @@ class TransformerForecaster(nn.Module):
         self._note_kernels()
         return torch.cat(predictions, dim=1)
 
-    def _attentions(self) -> list[Attention]:
-        return [m for m in self.modules() if isinstance(m, Attention)]
-
     def _note_kernels(self) -> None:
-        kernels = ", ".join(sorted({m.kernel for m in self._attentions() if m.kernel is not None}))
+        kernels = ", ".join(sorted({m.kernel for m in self._attention_modules if m.kernel is not None}))
         if kernels != self.attention_kernel:
             log.info("TransformerForecaster att_type %s: attention ran %s", self.config.att_type, kernels)
             self.attention_kernel = kernels
