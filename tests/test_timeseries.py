@@ -319,3 +319,19 @@ def test_zero2_two_ranks_resume_with_the_same_losses(sunspot_dataset, tmp_path):
     assert sorted(straight) == [1, 2, 3, 4] and resumed == straight  # bit for bit
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["engine_info"]["zero_stage"] == 2
+
+
+def test_a_series_shorter_than_a_window_is_skipped_or_with_strict_an_error(ray_session, tables, tmp_path, capsys):
+    sunspots().iloc[:50].to_csv(tmp_path / "short.tsv", sep="\t", index=False)  # 1700-1749: 50 rows < 60
+    (tmp_path / "sunspots.csv").write_bytes((tables / "sunspots.csv").read_bytes())
+    overrides = [f"source.paths=['{tmp_path}/*.csv', '{tmp_path}/*.tsv']", f"shards.output={tmp_path / 'out'}"]
+    report = prepare_timeseries(load_config(PREPARE_YAML, PrepareConfig, overrides), progress=False)
+    reason = "shorter than one window: 50 rows (40 train), context_length + pred_length = 60 needed"
+    assert [(s.path, s.reason) for s in report.manifest.skipped] == [(str(tmp_path / "short.tsv"), reason)]
+    assert report.manifest.num_samples("train") == 188 and report.manifest.stats["num_rows"] == {"train": 247, "val": 62}
+    (tmp_path / "prepare.yaml").write_text(yaml.safe_dump(
+        {**yaml.safe_load(PREPARE_YAML.read_text()), "source": {"kind": "timeseries", "paths": [str(tmp_path / "*.tsv"),
+                                                                                              str(tmp_path / "*.csv")]},
+         "shards": {"output": str(tmp_path / "strict"), "val_fraction": 0.2}}))
+    line = cli_error(capsys, ["prepare", str(tmp_path / "prepare.yaml"), "--strict"])
+    assert line.endswith(f"--strict: {tmp_path / 'short.tsv'}: {reason}") and not (tmp_path / "strict").exists()
