@@ -257,8 +257,9 @@ def check_keep_best(cfg: TrainConfig) -> None:
 
 @dataclass
 class SourceConfig:
-    kind: Literal["text", "meg", "video", "tokens"] = option(
-        "text", "corpus kind: text/code files, MEG/EEG recordings (mne), videos (PyAV) or integer token ids (.txt, .npy)")
+    kind: Literal["text", "meg", "video", "tokens", "timeseries"] = option(
+        "text", "corpus kind: text/code files, MEG/EEG recordings (mne), videos (PyAV), integer token ids (.txt, .npy) "
+                "or tables of time series (.csv, .parquet)")
     paths: list[str] = option(help="glob patterns of input files (any fsspec URL); '{stdlib}' is this Python's standard library", factory=list)
     exclude: list[str] = option(help="glob patterns (fnmatch on the full path) of files to leave out", factory=list)
     hf_dataset: str | None = option(None, "a `datasets` dataset: local path or hub id (instead of paths)")
@@ -356,6 +357,37 @@ class TokenIdsConfig:
 
 
 @dataclass
+class TimeseriesConfig:
+    input_columns: list[str] = option(help="numeric columns the model reads, in this order (its input_size)", factory=list)
+    target_columns: list[str] = option(help="numeric columns it forecasts, in this order (its output_size); empty: the input columns",
+                                       factory=list)
+    time_column: str | None = option(None, "column the rows are sorted by (dates or numbers); empty: the file's row order")
+    context_length: int = option(96, "time steps of a window the model reads (the context)", bound=">= 1")
+    pred_length: int = option(24, "time steps after the context it forecasts (the target)", bound=">= 1")
+    stride: int = option(1, "time steps between the starts of consecutive windows", bound=">= 1")
+    windows_per_shard: int = option(
+        0, "cut each split's windows into shards of this many (a long series makes several shards, so several ranks "
+           "read it); 0: whole files per shard, grouped by shards.source_bytes_per_shard", bound=">= 0")
+    split: Literal["time", "file"] = option(
+        "time", "val split: time holds out the last shards.val_fraction of every file's rows (a val window's target lies "
+                "in them, its context may reach back); file holds out whole files")
+    normalization: Literal["zscore", "robust", "none"] = option(
+        "zscore", "per column over the train rows of all files: zscore (mean, std), robust (median, IQR / 1.349) or none; "
+                  "stored in the manifest")
+    missing: Literal["error", "interpolate"] = option(
+        "error", "an empty (NaN) cell: an error naming it, or interpolated linearly between its neighbouring rows (the nearest "
+                 "value at the ends)")
+
+    def __post_init__(self):
+        check_bounds(self, "timeseries")
+        for name in ("input_columns", "target_columns"):
+            columns = getattr(self, name)
+            repeated = sorted({column for column in columns if columns.count(column) > 1})
+            if repeated:
+                raise ValueError(f"timeseries.{name} names {repeated} more than once")
+
+
+@dataclass
 class RayConfig:
     address: str | None = option(None, "Ray cluster address; empty starts a local instance")
     num_cpus: int = option(0, "CPUs of the local instance (0: all)", bound=">= 0")
@@ -375,6 +407,8 @@ class PrepareConfig:
     meg: MegConfig = option(help="MEG/EEG preprocessing (source.kind meg)", factory=MegConfig)
     video: VideoConfig = option(help="video decoding and clipping (source.kind video)", factory=VideoConfig)
     token_ids: TokenIdsConfig = option(help="integer token data (source.kind tokens)", factory=TokenIdsConfig)
+    timeseries: TimeseriesConfig = option(help="tables of time series -> forecasting windows (source.kind timeseries)",
+                                          factory=TimeseriesConfig)
     ray: RayConfig = option(help="Ray runtime", factory=RayConfig)
     launch: LaunchConfig = option(help="cluster jobs: tokfleet submit slurm|ray|local", factory=LaunchConfig)
 

@@ -61,6 +61,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
                 print(prepare_token_ids(cfg, **options).summary())
                 return
+            if cfg.source.kind == "timeseries":
+                from sharding.timeseries import prepare_timeseries
+
+                print(prepare_timeseries(cfg, **options).summary())
+                return
             if cfg.source.kind != "text":
                 from sharding.prepare_signals import prepare_signals
 
@@ -146,9 +151,13 @@ def cmd_forecast(args: argparse.Namespace) -> None:
             temperature=args.temperature, top_k=args.top_k, seed=args.seed, out=args.out, device=str(pick_device(args.device)),
         )
         report = forecast(request)
-    unit = "samples" if report["kind"] == "meg_windows" else "frames"
-    print(f"forecast {report['model']} on {report['tokenizer_model']} codes, {report['num_windows']} windows of {report['data']}: "
-          f"context {report['context'][unit]} {unit}, horizon {report['horizon'][unit]} {unit}, {report['num_samples']} sample(s)")
+    if report["kind"] == "timeseries_windows":
+        print(f"forecast {report['model']}, {report['num_windows']} windows of {report['data']}: "
+              f"context {report['context']['steps']} steps, horizon {report['horizon']['steps']} steps")
+    else:
+        unit = "samples" if report["kind"] == "meg_windows" else "frames"
+        print(f"forecast {report['model']} on {report['tokenizer_model']} codes, {report['num_windows']} windows of {report['data']}: "
+              f"context {report['context'][unit]} {unit}, horizon {report['horizon'][unit]} {unit}, {report['num_samples']} sample(s)")
     print(f"  {'method':16s} {'MSE':>10s} {'MAE':>10s} {'corr':>7s} {'scale err':>9s}   (normalised units)")
     for name in ("model", "mean_of_samples", *BASELINES):
         if name in report["metrics"]:
@@ -430,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="turn a corpus into WebDataset shards + manifest (Ray Data)",
                              description="With Ray Data, turn source.kind text (train or load a BPE, pack token sequences), "
                                          "meg (MEG/EEG recordings via mne: filter, resample, normalised windows + sensor metadata) "
-                                         "or video (PyAV: resized clips) into WebDataset shards with a manifest.json. "
+                                         "video (PyAV: resized clips), tokens (integer ids) or timeseries (CSV / Parquet tables: "
+                                         "normalised context + target windows) into WebDataset shards with a manifest.json. "
                                          "Re-running builds only missing or stale shards; unusable inputs are skipped and listed.")
     add_pipeline_arguments(prepare, "prepare", strict_help="an unusable input (corrupt, truncated, empty) is an error, not skipped")
     prepare.set_defaults(func=cmd_prepare)
@@ -532,11 +542,15 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Tokenize the context of held-out raw windows, generate the next code steps with a "
                                           "forecaster trained on token shards (KV cache), decode them with the tokenizer, undo "
                                           "RevIN and prepare's normalisation, and score the forecast against the true continuation "
-                                          "and naive baselines (persistence, context mean, last period). Writes OUT/forecast.json "
+                                          "and naive baselines (persistence, context mean, last period). A time-series model "
+                                          "(task series_forecast) forecasts held-out windows of a timeseries dataset directly. "
+                                          "Writes OUT/forecast.json "
                                           "and plots (video: a frame strip and forecast.mp4).")
-    forecast.add_argument("forecaster", help="forecaster run dir or checkpoint (a sequence model trained on token shards)")
+    forecast.add_argument("forecaster", help="forecaster run dir or checkpoint (a sequence model trained on token shards, "
+                                             "or a series_forecast model on time-series windows)")
     forecast.add_argument("--tokenizer", help="tokenizer run dir or checkpoint (default: the one the forecaster's codes came from)")
-    forecast.add_argument("--data", help="raw dataset root (`tokfleet prepare` output) to take held-out windows from")
+    forecast.add_argument("--data", help="raw dataset root (`tokfleet prepare` output) to take held-out windows from "
+                                         "(a time-series model: default the dataset it trained on)")
     forecast.add_argument("--recording", help="a MEG/EEG recording file instead, preprocessed as --data (or the tokenizer's dataset)")
     forecast.add_argument("--split", default="val", help="manifest split of --data")
     forecast.add_argument("--num-windows", type=positive_int, default=4, help="windows (clips) to forecast")

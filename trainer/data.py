@@ -66,18 +66,27 @@ def video_batch(fields: dict[str, torch.Tensor], device: torch.device) -> dict[s
     return {"video": fields["video"].to(device, non_blocking=True)}
 
 
+def series_batch(fields: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Time-series windows (sharding/timeseries.py): context (B, context_length, input_size) and the rows after
+    it, target (B, pred_length, output_size), both float32 and normalised."""
+    return {"context": fields["context"].to(device, non_blocking=True), "target": fields["target"].to(device, non_blocking=True)}
+
+
 # model spec task -> (sample fields -> the model's keyword arguments)
 TASK_BATCHES = {"causal_lm": causal_lm_batch, "token_chunks": token_chunks_batch,
-                "signal_reconstruction": signal_batch, "video_reconstruction": video_batch}
+                "signal_reconstruction": signal_batch, "video_reconstruction": video_batch,
+                "series_forecast": series_batch}
 
 
 def num_tokens(fields: dict[str, torch.Tensor]) -> int:
     """What throughput and MFU count in a micro-batch: the positions a token model reads (T of the
-    T+1 stored per sample), or every input value of a signal or video model (the unit of its
-    num_flops_per_token)."""
+    T+1 stored per sample), every input value of a signal or video model, or the context steps of a
+    time-series window (the unit of its num_flops_per_token)."""
     if "tokens" in fields:
         batch_size, stored = fields["tokens"].shape[:2]
         return batch_size * (stored - 1)
+    if "context" in fields and "target" in fields:  # (B, context_length, input_size), (B, pred_length, output_size)
+        return fields["context"].shape[0] * fields["context"].shape[1]
     return sum(fields[name].numel() for name in ("signal", "video") if name in fields)
 
 

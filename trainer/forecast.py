@@ -1,5 +1,6 @@
 """`tokfleet forecast`: a forecaster run + its tokenizer run + held-out raw data -> forecasts in
-physical units, scored against the true continuation and against naive baselines.
+physical units, scored against the true continuation and against naive baselines. (A time-series
+model, task series_forecast, needs no tokenizer: trainer/series_forecast.py.)
 
     raw windows (a split of a prepared MEG/EEG or video dataset, or a recording read with the
     dataset's own preprocessing)
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from modeling.registry import get_model_spec
 from sharding import storage
 from sharding.manifest import Manifest
 from sharding.shards import read_shard
@@ -218,6 +220,10 @@ def forecast(request: ForecastRequest) -> dict[str, Any]:
     if not Path(request.forecaster).exists():
         raise UserError(f"forecaster not found: {request.forecaster}")
     model, state, _ = load_model(request.forecaster, device)
+    if get_model_spec(state["model"]["name"]).task == "series_forecast":  # real-valued windows, no tokenizer
+        from trainer.series_forecast import forecast_series
+
+        return forecast_series(request, model, state, resolve_checkpoint(request.forecaster))
     if not state.get("token_grid"):
         raise UserError(f"{request.forecaster}: model {state['model']['name']} was not trained on a token grid (MEG/EEG or "
                         "video codes): nothing to forecast with")

@@ -110,3 +110,42 @@ def write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def series_plots(out: Path, series: dict[str, Any], columns: list[str], samples: list[dict[str, Any]],
+                 report: dict[str, Any]) -> list[Path]:
+    """One PNG per drawn window of a time-series forecast: each target column's context (when it is an
+    input), truth, the model's forecast and the naive ones, in the table's units. `series`: "past"
+    (B, context, C) or None, "truth", "model" and each baseline (B, horizon, C)."""
+    from sharding.analysis_plots import new_figure
+
+    horizon = series["truth"].shape[1]
+    context = 0 if series["past"] is None else series["past"].shape[1]
+    paths = []
+    for window in range(min(MAX_WINDOWS, len(samples))):
+        drawn = list(range(min(MAX_CHANNELS, len(columns))))
+        fig, axes = new_figure(len(drawn), 1, figsize=(9, 2.2 * len(drawn)), sharex=True, squeeze=False)
+        steps = np.arange(context, context + horizon)
+        for ax, column in zip(axes[:, 0], drawn):
+            if series["past"] is not None:
+                ax.plot(np.arange(context), series["past"][window, :, column], color="black", lw=1, label="context")
+            ax.plot(steps, series["truth"][window, :, column], color="black", lw=1.5, alpha=0.5, label="truth")
+            ax.plot(steps, series["model"][window, :, column], color="tab:red", lw=1.2, label="forecast")
+            for name, style in BASELINE_STYLES.items():
+                if name in series:
+                    ax.plot(steps, series[name][window, :, column], style, lw=1, label=name)
+            ax.axvline(context - 0.5, color="gray", lw=0.5)
+            ax.set_ylabel(columns[column])
+            ax.grid(alpha=0.3)
+        axes[0, 0].legend(loc="upper left", fontsize=7, ncol=3)
+        meta = samples[window].get("meta", {})
+        start = f" from {meta['start_time']}" if "start_time" in meta else f" from row {meta.get('start_row', '?')}"
+        axes[-1, 0].set_xlabel(f"step of the window{start}")
+        metrics = report["metrics"]
+        fig.suptitle(f"{report['model']}: window {window}, normalised MSE {metrics['model']['normalized']['mse']:.3g} "
+                     f"(last value {metrics['persistence']['normalized']['mse']:.3g})", fontsize=9)
+        fig.tight_layout()
+        path = out / f"forecast-window{window}.png"
+        fig.savefig(path, dpi=90)
+        paths.append(path)
+    return paths

@@ -30,6 +30,7 @@ from trainer.preemption import PreemptionWatcher
 from trainer.reports import ReportWindow
 from trainer.run_plots import draw_reconstruction, draw_run_plots
 from trainer.samples import TrainingSampler
+from trainer.series_forecast import series_model_args
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.token_tasks import RAW_KINDS, GridSource, GridTask, resolve_grid_args
 from trainer.weights import init_from_checkpoint
@@ -60,9 +61,12 @@ def resolve_model_args(cfg: TrainConfig, manifest, source: GridSource | None = N
         return resolve_grid_args(cfg.model.name, cfg.model.flavor, cfg.model.args, source)
     args = dict(cfg.model.args)
     try:
-        fields = {field.name for field in dataclasses.fields(get_model_spec(cfg.model.name).config_cls)}
+        spec = get_model_spec(cfg.model.name)
     except ValueError as error:
         raise UserError(f"model.name: {error}") from None
+    fields = {field.name for field in dataclasses.fields(spec.config_cls)}
+    # a time-series model takes its window sizes (context_length, input_size, ...) from the data
+    args = series_model_args(cfg.model.name, spec.task, fields, args, manifest, cfg.data.dataset)
     # token models take their vocabulary and context from the data; signal models have neither field
     if "vocab_size" in fields and manifest.vocab_size:
         args.setdefault("vocab_size", manifest.vocab_size)
