@@ -38,6 +38,10 @@ _MODEL_MODULES = {
     "BrainOmniCausalForecast": "modeling.brainomni_forecast",
     "Vidtok": "modeling.vidtok",
     "VidtokRVQ": "modeling.vidtok",
+    "STGPT2MEG": "modeling.brain.stgpt2meg",
+    "TASA3D": "modeling.brain.tasa3d",
+    "Wavenet3D": "modeling.brain.wavenet",
+    "WavenetFullChannel": "modeling.brain.wavenet",
 }
 
 _REGISTRY: dict[str, "ModelSpec"] = {}
