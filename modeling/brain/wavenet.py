@@ -93,12 +93,13 @@ class Wavenet3DConfig(WavenetFields):
 
 
 class GatedCausalLayer(nn.Module):
-    """x (N, in, *grid, T) -> (residual (N, R, *grid, T), skip (N, S, *grid, T), queue); causal in T.
+    """x (N, in, *grid, T) -> (residual (N, R, *grid, T) or None (last layer), skip (N, S, *grid, T), queue); causal in T.
 
     grid is () for Conv1d or (H, W) for Conv3d (`same` padding there). With `queue` (the last (k - 1) d
     inputs, (N, in, *grid, span)) the input continues it instead of being zero-padded."""
 
-    def __init__(self, in_channels: int, config: WavenetFields, kernel_size: int, dilation: int, spatial: tuple[int, int] | None):
+    def __init__(self, in_channels: int, config: WavenetFields, kernel_size: int, dilation: int, spatial: tuple[int, int] | None,
+                 is_last: bool = False):
         super().__init__()
         G = config.dilation_channels
         self.span = (kernel_size - 1) * dilation
@@ -111,10 +112,13 @@ class GatedCausalLayer(nn.Module):
             self.conv = nn.Conv3d(in_channels, 2 * G, (kernel, kernel, kernel_size), dilation=(spatial_dilation, spatial_dilation, dilation),
                                   padding=(padding, padding, 0), bias=config.use_bias)
             conv_1x1 = nn.Conv3d
-        self.residual = conv_1x1(G, config.residual_channels, 1, bias=config.use_bias)
         self.skip = conv_1x1(G, config.skip_channels, 1, bias=config.use_bias)
-        self.input = conv_1x1(in_channels, config.residual_channels, 1, bias=config.use_bias) \
-            if in_channels != config.residual_channels else nn.Identity()
+        # the last layer's residual output feeds nothing: it has none (no parameters without gradients)
+        self.is_last = is_last
+        if not is_last:
+            self.residual = conv_1x1(G, config.residual_channels, 1, bias=config.use_bias)
+            self.input = conv_1x1(in_channels, config.residual_channels, 1, bias=config.use_bias) \
+                if in_channels != config.residual_channels else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, queue: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,7 +126,7 @@ class GatedCausalLayer(nn.Module):
         filter_gate = self.conv(padded)  # (N, 2G, *grid, T)
         filter_, gate = filter_gate.chunk(2, dim=1)
         h = torch.tanh(filter_) * torch.sigmoid(gate)
-        residual = self.dropout(self.input(x) + self.residual(h))
+        residual = None if self.is_last else self.dropout(self.input(x) + self.residual(h))
         return residual, self.skip(h), padded[..., padded.size(-1) - self.span:]
 
 
@@ -148,7 +152,8 @@ class WavenetBase(TokenGridModel):
         self.config = config
         conv_1x1 = nn.Conv1d if spatial is None else nn.Conv3d
         layers = [GatedCausalLayer(config.embedding_dim, config, 1, 1, None if spatial is None else (1, 1))]
-        layers += [GatedCausalLayer(config.residual_channels, config, config.kernel_size, d, spatial) for d in config.dilations]
+        layers += [GatedCausalLayer(config.residual_channels, config, config.kernel_size, d, spatial, is_last=i == len(config.dilations) - 1)
+                   for i, d in enumerate(config.dilations)]
         self.layers = nn.ModuleList(layers)
         self.head = LogitsHead(config, conv_1x1)
         self.use_gradient_checkpointing = config.use_gradient_checkpointing
