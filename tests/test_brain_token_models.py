@@ -176,9 +176,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
 @pytest.fixture(scope="module")
 def grids(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("brain-grids")
-    return {"meg": write_grid_dataset(root / "meg", axes=("channel", "time"), shape=(4, 17), vocab_size=V, tokenizer=TOTEM),
+    return {"meg": write_grid_dataset(root / "meg", axes=("channel", "time"), shape=(4, 17), vocab_size=V, tokenizer=TOTEM,
+                                      num_train_shards=2),
             "video": write_grid_dataset(root / "video", axes=("time", "height", "width"), shape=(9, 4, 4), vocab_size=V,
-                                        tokenizer=VIDTOK, kind="video_tokens")}
+                                        tokenizer=VIDTOK, kind="video_tokens", num_train_shards=2)}
 
 
 @pytest.mark.parametrize("name, data", [("WavenetFullChannel", "meg"), ("TASA3D", "video")])
