@@ -76,10 +76,10 @@ def test_short_overfit_lowers_the_loss(name):
     assert losses[-1] < 0.5 * losses[0], losses  # one batch of random codes, memorised
 
 
-@pytest.mark.parametrize("name", SHAPES)
-def test_gradients_are_causal(name):
+@pytest.mark.parametrize("name, args", [*((name, {}) for name in SHAPES), ("STGPT2MEG", {"block_type": "parallel"})])
+def test_gradients_are_causal(name, args):
     """The logits at time t get gradient from the embedded inputs at times <= t only."""
-    model = built(name, std=0.2)
+    model = built(name, std=0.2, **args)
     embedded = {}
 
     def keep(module, inputs, output):
@@ -95,11 +95,12 @@ def test_gradients_are_causal(name):
     assert torch.all(grad[t + 1:] == 0) and torch.all(grad[: t + 1] > 0), grad
 
 
-@pytest.mark.parametrize("name", ["STGPT2MEG", "WavenetFullChannel", "Wavenet3D"])
-def test_incremental_decoding_equals_the_full_forward(name):
+@pytest.mark.parametrize("name, args", [("STGPT2MEG", {}), ("STGPT2MEG", {"block_type": "parallel"}),
+                                        ("WavenetFullChannel", {}), ("Wavenet3D", {})])
+def test_incremental_decoding_equals_the_full_forward(name, args):
     """A context prefilled (longer than the WaveNets' receptive field of 8), then one step at a time
     on the KV cache / conv queues: the logits of the full forward at every step."""
-    model = built(name, std=0.3).eval()
+    model = built(name, std=0.3, **args).eval()
     idx = torch.randint(0, V, (*SHAPES[name][:-1], 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(idx)

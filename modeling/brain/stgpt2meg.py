@@ -1,12 +1,16 @@
 """STGPT2MEG: a quantised autoregressive transformer with spatiotemporal blocks (brain-gen seed 004).
 
 Ids (B, C, T): C channels (sites of the token grid), each a series of T codes of a vocabulary of V.
-Each code is embedded (a token table) plus its channel's vector, then `num_layers` blocks, each:
+Each code is embedded (a token table) plus its channel's vector, then `num_layers` blocks, each
+(block_type "sequential", brain-gen's STGPTBlock):
 
     x = x + time_attn(norm(x))       causal, over T within each channel (rotary positions = time)
     x = x + time_mlp(norm(x))
     x = x + channel_attn(norm(x))    over the C channels of each time step (rotary positions = channel)
     x = x + channel_mlp(norm(x))
+
+or ("parallel", brain-gen's STGPTBlockParallel) both attentions read the same normed input and one
+MLP follows: x = x + time_attn(h) + channel_attn(h), h = norm(x); x = x + mlp(norm(x)).
 
 then a final norm and a linear head -> logits (B, C, T, V) of each channel's next code. Only the time
 attention crosses time steps, and it is causal: logits at t see inputs at times <= t (any channel).
@@ -31,6 +35,8 @@ from modeling.gpt import KVCache
 from modeling.layers import RMSNorm, RotaryEmbedding
 from modeling.registry import ModelSpec, register_model
 
+BLOCK_TYPES = ("sequential", "parallel")
+
 
 @dataclass(frozen=True, kw_only=True)
 class STGPT2MEGConfig(TokenLossFields):
@@ -40,6 +46,9 @@ class STGPT2MEGConfig(TokenLossFields):
     d_model: int = field(metadata={"help": "width of the residual stream (d)"})
     num_heads: int = field(metadata={"help": "attention heads of the time and channel attentions; head_dim = d_model / num_heads"})
     num_layers: int = field(metadata={"help": "number of spatiotemporal blocks"})
+    block_type: str = field(default="sequential", metadata={
+        "help": "sequential: time attention + MLP, then channel attention + MLP (brain-gen's STGPTBlock); parallel: "
+                "both attentions on the same input, summed, then one MLP (STGPTBlockParallel)"})
     mlp_ratio: float = field(default=4.0, metadata={"help": "MLP width = mlp_ratio x d_model"})
     dropout: float = field(default=0.0, metadata={"help": "training-time dropout on attention weights and MLP outputs"})
     use_gradient_checkpointing: bool = field(
@@ -55,6 +64,8 @@ class STGPT2MEGConfig(TokenLossFields):
             raise ValueError(f"mlp_ratio x d_model must be >= 1, got {self.mlp_ratio} x {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.block_type not in BLOCK_TYPES:
+            raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {self.block_type!r}")
         self.check_loss()
 
     @property
@@ -76,26 +87,38 @@ class GELUMLP(nn.Module):
 
 
 class STGPTBlock(nn.Module):
-    """(B, C, T, d) -> (B, C, T, d): causal time attention + MLP, then channel attention + MLP; pre-norm residuals."""
+    """(B, C, T, d) -> (B, C, T, d): causal time attention and channel attention, each followed by an
+    MLP (sequential) or side by side with one MLP after them (parallel); pre-norm residuals."""
 
     def __init__(self, config: STGPT2MEGConfig, layer_idx: int):
         super().__init__()
         d, hidden = config.d_model, round(config.mlp_ratio * config.d_model)
+        self.is_parallel = config.block_type == "parallel"
         self.time_norm, self.time_mlp_norm = RMSNorm(), RMSNorm()
         self.time_attn = RotarySelfAttention(d, config.num_heads, config.dropout, is_causal=True, layer_idx=layer_idx)
         self.time_mlp = GELUMLP(d, hidden, config.dropout)
-        self.channel_norm, self.channel_mlp_norm = RMSNorm(), RMSNorm()
         self.channel_attn = RotarySelfAttention(d, config.num_heads, config.dropout, is_causal=False)
-        self.channel_mlp = GELUMLP(d, hidden, config.dropout)
+        if not self.is_parallel:
+            self.channel_norm, self.channel_mlp_norm = RMSNorm(), RMSNorm()
+            self.channel_mlp = GELUMLP(d, hidden, config.dropout)
 
     def forward(self, x: torch.Tensor, time_rope: tuple[torch.Tensor, torch.Tensor],
                 channel_rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache | None = None) -> torch.Tensor:
         B, C, T, d = x.shape
-        x = x + self.time_attn(self.time_norm(x).reshape(B * C, T, d), *time_rope, kv_cache).view(B, C, T, d)
+        h = self.time_norm(x)
+        y_time = self.time_attn(h.reshape(B * C, T, d), *time_rope, kv_cache).view(B, C, T, d)
+        if self.is_parallel:
+            x = x + y_time + self.channel_attention(h, channel_rope)
+            return x + self.time_mlp(self.time_mlp_norm(x))
+        x = x + y_time
         x = x + self.time_mlp(self.time_mlp_norm(x))
-        x_channels = self.channel_norm(x).transpose(1, 2).reshape(B * T, C, d)  # each time step's channels
-        x = x + self.channel_attn(x_channels, *channel_rope).view(B, T, C, d).transpose(1, 2)
+        x = x + self.channel_attention(self.channel_norm(x), channel_rope)
         return x + self.channel_mlp(self.channel_mlp_norm(x))
+
+    def channel_attention(self, h: torch.Tensor, channel_rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, C, T, d = h.shape
+        y = self.channel_attn(h.transpose(1, 2).reshape(B * T, C, d), *channel_rope)  # each time step's channels
+        return y.view(B, T, C, d).transpose(1, 2)
 
 
 class STGPT2MEG(TokenGridModel):
@@ -127,7 +150,8 @@ class STGPT2MEG(TokenGridModel):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         for block in self.blocks:
-            for output in (block.time_attn.proj, block.time_mlp.proj, block.channel_attn.proj, block.channel_mlp.proj):
+            outputs = [block.time_attn.proj, block.time_mlp.proj, block.channel_attn.proj]
+            for output in outputs + ([] if block.is_parallel else [block.channel_mlp.proj]):
                 nn.init.zeros_(output.weight)
         nn.init.zeros_(self.head.weight)
         nn.init.normal_(self.token_embedding.weight)
