@@ -184,10 +184,11 @@ def grids(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name, data", [("WavenetFullChannel", "meg"), ("TASA3D", "video")])
-def test_train_eval_and_forecast_on_a_token_grid(grids, tmp_path, name, data):
+def test_train_eval_and_forecast_on_a_token_grid(grids, tmp_path, capsys, name, data):
     """The trainer takes the sites from the grid, reports MFU; eval scores the run; its checkpoint
-    forecasts through the family's layout (what `tokfleet forecast` drives) to a grid of codes."""
-    from conftest import train_on
+    forecasts through the family's layout (what `tokfleet forecast` drives) to a grid of codes;
+    `tokfleet generate` (one sequence of ids) points to forecast."""
+    from conftest import cli_error, train_on
     from trainer.causal_eval import evaluate_causal
     from trainer.inference import load_model
     from trainer.token_tasks import layout_class
@@ -203,6 +204,8 @@ def test_train_eval_and_forecast_on_a_token_grid(grids, tmp_path, name, data):
     forecast = layout.to_grid(layout.forecast(model, layout.to_sequence(grid), 3, temperature=0.8, top_k=5), like=grid)
     assert forecast.shape == (2, 8, *grid.shape[2:]) and torch.equal(forecast[:, :5], grid)
     assert int(forecast.min()) >= 0 and int(forecast.max()) < V
+    error = cli_error(capsys, ["generate", "--checkpoint", str(tmp_path / name), "--prompt-tokens", "1 2 3"])
+    assert f"{name} continues grids of codes (channels x time), not one sequence: use `tokfleet forecast" in error
 
 
 def test_grids_a_model_cannot_read_are_refused_in_one_line(grids, tmp_path):
