@@ -205,6 +205,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         name = state["model"]["name"]
         if is_ids and get_model_spec(name).task != "causal_lm":
             raise UserError(f"--prompt-tokens continues a causal token model (gpt); {name} is a {get_model_spec(name).task} model")
+        if get_model_spec(name).task == "causal_lm" and not hasattr(model, "generate"):
+            raise UserError(f"{name} continues grids of codes (channels x time), not one sequence: use `tokfleet forecast "
+                            f"{args.checkpoint} --data RAW_DATASET`")
         if not is_ids:
             if tokenizer_dir is None or not tokenizer_dir.is_dir():
                 raise UserError(f"{args.checkpoint}: no tokenizer folder next to the checkpoint's run dir "

@@ -39,6 +39,10 @@ _MODEL_MODULES = {
     "Vidtok": "modeling.tokenizers.vidtok",
     "VidtokRVQ": "modeling.tokenizers.vidtok",
     "TransformerForecaster": "modeling.transformer.model",
+    "STGPT2MEG": "modeling.brain.stgpt2meg",
+    "TASA3D": "modeling.brain.tasa3d",
+    "Wavenet3D": "modeling.brain.wavenet",
+    "WavenetFullChannel": "modeling.brain.wavenet",
 }
 
 _REGISTRY: dict[str, "ModelSpec"] = {}

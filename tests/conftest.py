@@ -216,10 +216,12 @@ def token_dataset(tmp_path_factory) -> str:
 
 
 def write_grid_dataset(root, *, axes: tuple[str, ...], shape: tuple[int, ...], vocab_size: int, tokenizer: dict,
-                       num_train: int = 8, num_val: int = 6, seed: int = 0, kind: str = "meg_tokens") -> str:
+                       num_train: int = 8, num_val: int = 6, seed: int = 0, kind: str = "meg_tokens",
+                       num_train_shards: int = 1) -> str:
     """A token-grid dataset (as `tokfleet pretokenize` writes) of codes in layout `axes` written by hand
     (no Ray): each code follows its predecessor in time plus a small level-dependent step, so a model
-    can learn them. num_val 0 writes no val shard."""
+    can learn them. The train samples in num_train_shards shards (one per rank of a 2-rank run: 2);
+    num_val 0 writes no val shard."""
     import numpy as np
     import torch
 
@@ -239,7 +241,8 @@ def write_grid_dataset(root, *, axes: tuple[str, ...], shape: tuple[int, ...], v
         return grid.from_canonical(torch.from_numpy(canonical)[None])[0].numpy().astype(np.uint16)
 
     records = []
-    for index, (split, size) in enumerate((("train", num_train), ("val", num_val))):
+    train_shards = [("train", num_train // num_train_shards + (i < num_train % num_train_shards)) for i in range(num_train_shards)]
+    for index, (split, size) in enumerate((*train_shards, ("val", num_val))):
         if not size:
             continue
         name = shard_name("grid", index)

@@ -10,6 +10,10 @@ layout of its family, always with time as the axis it predicts along:
                                 flattened, S = positions of the grid       tok_class none (codes arrive tokenized)
     BrainOmniCausalForecast     (B, C, T, Q): channels x time x levels     vocab_size, num_channels, num_quantizers,
                                                                            sequence_len, tokenizer_* (provenance)
+    STGPT2MEG,                  (B, C, T): C = H W Q sites, each a series   vocab_size, num_channels = H W Q,
+    WavenetFullChannel                                                     sequence_len (STGPT2MEG)
+    TASA3D, Wavenet3D           (B, H, W, T): FlatGPT's (T, H, W) grid,    vocab_size, height, width (TASA3D),
+                                time last                                  sequence_len (TASA3D)
 
 FlatGPT's 3-axis grid is (T, H, W) for one-level codes, (T, C, Q) for RVQ codes of channels (the
 RVQ levels on its W axis, as brain-gen lays them out), and (T, H W, Q) for video RVQ codes (sites
@@ -25,7 +29,8 @@ the fly by that frozen tokenizer, on the trainer's device, before the same layou
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +204,76 @@ class ChannelLayout:
         return model.forecast(sequence, num_steps, **sampling)
 
 
+def _set_from_grid(name: str, args: dict[str, Any], key: str, value: int, grid: TokenGrid) -> None:
+    """args[key] (a field the model has) defaults to `value`, the grid's; another given value cannot read it."""
+    if key not in {f.name for f in fields(get_model_spec(name).config_cls)}:
+        return
+    args.setdefault(key, value)
+    if args[key] != value:
+        raise UserError(f"model.args.{key}={args[key]} does not fit the dataset's codes {grid.describe()}: it must be {value}")
+
+
+class NextStepLayout:
+    """brain-gen's token-grid models (STGPT2MEG, WavenetFullChannel: (B, C, T); TASA3D, Wavenet3D:
+    (B, H, W, T)): ids with time last, logits of the next code at every position. The sites are the
+    grid's: C = H W Q (each RVQ level of a site its own series), and (H, W) as FlatGPT lays the grid
+    out (flat_grid_shape: levels on W for channel codes). The model decodes itself (`forecast`)."""
+
+    time_axis = -1
+    is_volume = False  # (B, H, W, T) rather than (B, C, T)
+
+    @classmethod
+    def sites(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        _, H, W = flat_grid_shape(shape)
+        return (H, W) if cls.is_volume else (H * W,)
+
+    @classmethod
+    def resolve_args(cls, name: str, flavor: str, args: dict[str, Any], grid: TokenGrid, tokenizer: dict[str, Any]) -> dict[str, Any]:
+        shape = grid.canonical_shape
+        if None in shape:
+            raise UserError(f"model {name} needs one grid shape, but the dataset's codes {grid.describe()} vary between "
+                            "samples (recordings with different channel sets: prepare with one channel set)")
+        _at_least(args, "vocab_size", grid.vocab_size, "vocabulary of", grid)
+        sites = cls.sites(shape)
+        for key, value in zip(("height", "width") if cls.is_volume else ("num_channels",), sites):
+            _set_from_grid(name, args, key, value, grid)
+        if "sequence_len" in {f.name for f in fields(get_model_spec(name).config_cls)}:
+            args.setdefault("sequence_len", shape[0])
+            if args["sequence_len"] < shape[0] - 1:
+                raise UserError(f"model.args.sequence_len={args['sequence_len']} cannot hold the dataset's series of "
+                                f"{shape[0]} steps (codes {grid.describe()}, {shape[0] - 1} inputs per sample)")
+        return args
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def to_sequence(self, grid: torch.Tensor) -> torch.Tensor:
+        B, T = grid.shape[:2]
+        return grid.reshape(B, T, *self.sites(tuple(grid.shape[1:]))).movedim(1, -1)  # (B, *sites, T)
+
+    def to_grid(self, sequence: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        B, _, H, W, Q = like.shape
+        return sequence.movedim(-1, 1).reshape(B, -1, H, W, Q)  # (B, T', H, W, Q)
+
+    def num_positions(self, idx: torch.Tensor) -> int:
+        return idx.numel()
+
+    def max_context_steps(self) -> int:
+        steps = self.model.max_context_steps()
+        return sys.maxsize if steps is None else steps
+
+    def forecast(self, model: nn.Module, sequence: torch.Tensor, num_steps: int, **sampling) -> torch.Tensor:
+        return model.forecast(sequence, num_steps, **sampling)
+
+
+class VolumeLayout(NextStepLayout):
+    is_volume = True
+
+
 LAYOUTS: dict[str, type] = {"gpt": SeriesLayout, **dict.fromkeys(FLATGPT_NAMES, FlatLayout),
-                            "BrainOmniCausalForecast": ChannelLayout}
+                            "BrainOmniCausalForecast": ChannelLayout,
+                            **dict.fromkeys(("STGPT2MEG", "WavenetFullChannel"), NextStepLayout),
+                            **dict.fromkeys(("TASA3D", "Wavenet3D"), VolumeLayout)}
 
 
 def layout_class(name: str) -> type:
