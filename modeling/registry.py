@@ -38,6 +38,9 @@ _MODEL_MODULES = {
     "BrainOmniCausalForecast": "modeling.brainomni_forecast",
     "Vidtok": "modeling.vidtok",
     "VidtokRVQ": "modeling.vidtok",
+    "BENDRForecast": "modeling.brain.bendr",
+    "NTD": "modeling.brain.ntd",
+    "MEGFactorizedAutoencoder": "modeling.brain.factorized",
 }
 
 _REGISTRY: dict[str, "ModelSpec"] = {}

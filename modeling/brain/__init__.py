@@ -1,0 +1,1 @@
+"""brain-gen's continuous-signal models: BENDRForecast, NTD and the factorized autoencoder."""
