@@ -229,7 +229,7 @@ class BENDRForecast(SignalModel):
 
 BENDR_FLAVORS = {
     "debug": dict(num_channels=8, signal_length=128, output_samples=16, encoder_hidden=32, encoder_kernel_sizes=[3, 2, 2],
-                  encoder_strides=[2, 2, 2], transformer_dim=48, num_layers=2, num_heads=2, position_kernel_size=5),
+                  encoder_strides=[2, 2, 1], transformer_dim=48, num_layers=2, num_heads=2, position_kernel_size=5),
     "small": dict(num_channels=64, signal_length=512, output_samples=64, encoder_hidden=128, encoder_kernel_sizes=[3, 2, 2, 2],
                   encoder_strides=[2, 2, 2, 1], transformer_dim=256, num_layers=4, num_heads=4, dropout=0.1),
     # BENDR's published sizes: 512-wide encoder of 6 convs (strides 2, 2, 2, 1, 1, 1), 8 blocks of 3 x 512

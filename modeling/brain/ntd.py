@@ -51,6 +51,7 @@ class NTDConfig:
     kernel_size: int = field(default=17, metadata={"help": "odd kernel of each scale's depthwise long conv (NTD: 17)"})
     num_scales: int = field(default=3, metadata={"help": "long convs per block, at dilations 1, 2, 4, ..."})
     embedding_dim: int = field(default=64, metadata={"help": "width of the diffusion-step embedding"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on each block's MLP output while training; 0: none"})
     mix_channels: bool = field(default=True, metadata={"help": "the pointwise MLP mixes the features of all channels; false: each channel's own"})
     diffusion_steps: int = field(default=1000, metadata={"help": "steps of the forward process"})
     schedule: str = field(default="linear", metadata={"help": "beta schedule: linear | quad"})
@@ -76,6 +77,8 @@ class NTDConfig:
         for name, valid in (("schedule", SCHEDULES), ("noise_process", NOISE_PROCESSES), ("loss_name", LOSS_NAMES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.sampler_eta <= 1.0:
             raise ValueError(f"sampler_eta must be in [0, 1], got {self.sampler_eta}")
         if not 0.0 < self.reconstruction_level <= 1.0:
@@ -167,7 +170,8 @@ class DenoiserBlock(nn.Module):
             for i in range(config.num_scales)
         )
         groups = 1 if config.mix_channels else config.num_channels
-        self.mlp = nn.Sequential(nn.Conv1d(width, width, 1, groups=groups), nn.GELU(), nn.Conv1d(width, width, 1, groups=groups))
+        self.mlp = nn.Sequential(nn.Conv1d(width, width, 1, groups=groups), nn.GELU(), nn.Conv1d(width, width, 1, groups=groups),
+                                 nn.Dropout(config.dropout))
         self.modulation = nn.Linear(config.embedding_dim, 6 * width)  # shift, scale, gate for the convs and for the MLP
 
     def reset_parameters(self) -> None:
