@@ -64,10 +64,9 @@ def test_registered_forward_shapes_and_flops(name):
     flops = model.num_flops_per_token()
     params = sum(p.numel() for p in model.parameters())
     assert flops > 0
-    # deeper -> more FLOPs per input value, counted from the layers
-    deeper = build_model(name, "debug", {"num_layers" if name == "BENDRForecast" else "num_blocks" if name == "NTD" else "latent_dim":
-                                         4 if name != "MEGFactorizedAutoencoder" else 64}, device="meta")
-    assert deeper.num_flops_per_token() > flops and sum(p.numel() for p in deeper.parameters()) > params
+    bigger = {"BENDRForecast": {"num_layers": 4}, "NTD": {"num_blocks": 4}, "MEGFactorizedAutoencoder": {"latent_dim": 64}}[name]
+    bigger_model = build_model(name, "debug", bigger, device="meta")  # counted from the layers: more layers, more FLOPs
+    assert bigger_model.num_flops_per_token() > flops and sum(p.numel() for p in bigger_model.parameters()) > params
 
 
 def test_bendr_shapes_and_its_forecasts_see_only_the_past():
@@ -222,10 +221,11 @@ def test_window_shape_comes_from_the_dataset_and_must_match():
         set_window_shape("NTD", {}, {"num_channels", "signal_length"}, varying)
 
 
-def test_ntd_zero2_two_ranks_resume_exactly_and_eval_reports_metrics(meg_mag, tmp_path, capsys):
-    """NTD on the magnetometer windows (8 x 500), 2 ranks under the deepspeed launcher (ZeRO-2): stopped at step
+def test_ntd_zero2_two_ranks_resume_exactly_and_eval_reports_metrics(meg_mag, token_dataset, tmp_path, capsys):
+    """NTD on the magnetometer windows (8 x 500), 2 ranks under DeepSpeed ZeRO-2: stopped at step
     3 and resumed, the losses equal the uninterrupted run's bit for bit (the diffusion steps and noise come from the
     checkpointed RNG). `tokfleet eval` then scores its reconstructions next to the noised windows."""
+    from conftest import cli_error
     from launch.cli import main
     from test_distributed import losses, run
 
@@ -244,9 +244,10 @@ def test_ntd_zero2_two_ranks_resume_exactly_and_eval_reports_metrics(meg_mag, tm
         path.write_text(yaml.safe_dump(data))
         return path
 
-    run("deepspeed", 2, config("two"))
-    run("deepspeed", 2, config("resumed"), "--stop-at-step", "3")
-    run("deepspeed", 2, config("resumed"), "--resume", "auto")
+    # torchrun starts the 2 ranks faster than the deepspeed launcher; the engine is DeepSpeed's either way
+    run("torchrun", 2, config("two"))
+    run("torchrun", 2, config("resumed"), "--stop-at-step", "3")
+    run("torchrun", 2, config("resumed"), "--resume", "auto")
     assert sorted(losses(tmp_path / "two")) == list(range(1, 7))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "two")
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -263,10 +264,11 @@ def test_ntd_zero2_two_ranks_resume_exactly_and_eval_reports_metrics(meg_mag, tm
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["num_samples"] == 2 and set(report["metrics"]) == {"mse", "correlation", "psd_distance_db"}
     assert all(math.isfinite(v) for v in [*report["metrics"].values(), *report["baseline"]["metrics"].values()])
+    assert "NTD reads 'meg_windows'" in cli_error(capsys, ["eval", str(tmp_path / "exported"), "--data", token_dataset])
 
 
 def test_bendr_trains_on_meg_windows_and_eval_reports_its_forecast(meg_mag, tmp_path, capsys):
-    from conftest import train_on
+    from conftest import cli_error, train_on
     from launch.cli import main
 
     summary = train_on(meg_mag, tmp_path, "BENDRForecast", {"output_samples": 100}, micro=2, steps=2)
@@ -276,3 +278,6 @@ def test_bendr_trains_on_meg_windows_and_eval_reports_its_forecast(meg_mag, tmp_
     out = capsys.readouterr().out
     assert "eval BENDRForecast (debug, step 2)" in out and "forecast vs baseline (last context sample repeated)" in out
     assert out.count("\n") == 5  # header, column names, 3 metrics
+    message = cli_error(capsys, ["train", str(tmp_path / "BENDRForecast.yaml"), "--set", "model.args.num_channels=6",
+                                 "--set", f"run.output_dir={tmp_path / 'other'}"])
+    assert "model.args.num_channels=6 does not match the dataset's windows (8)" in message
