@@ -88,10 +88,12 @@ class BENDRConfig:
 
 
 class FeatureNorm(nn.LayerNorm):
-    """LayerNorm over the features of each time step of (B, F, T): no statistics across time."""
+    """LayerNorm over the features of each time step of (B, F, T): no statistics across time. The output
+    is made contiguous again: left transposed, the next elementwise backward (GELU's) runs on mismatched
+    strides, which made the factorized autoencoder's training step ~2x slower on a CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return super().forward(x.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
 class CausalConv1d(nn.Conv1d):
