@@ -128,14 +128,17 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from trainer.causal_eval import checkpoint_task, evaluate_causal, format_causal_report
     from trainer.engines.single import pick_device
+    from trainer.signal_eval import evaluate_signal, format_signal_report, is_signal_model
     from trainer.tokenizer_runner import evaluate, format_report
 
     with exit_on_user_error(args.debug):
-        _, task = checkpoint_task(args.checkpoint)
-        run = evaluate_causal if task == "causal_lm" else evaluate  # a sequence model, else a tokenizer
+        name, task = checkpoint_task(args.checkpoint)
+        # a sequence model, a continuous-signal model (forecast / reconstruction), else a tokenizer
+        run, formatter = ((evaluate_causal, format_causal_report) if task == "causal_lm" else
+                          (evaluate_signal, format_signal_report) if is_signal_model(name) else (evaluate, format_report))
         report = run(args.checkpoint, args.data, split=args.split, num_batches=args.num_batches,
                      batch_size=args.batch_size, device=pick_device(args.device))
-    print(format_causal_report(report) if task == "causal_lm" else format_report(report))
+    print(formatter(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
@@ -521,13 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_arguments(pretokenize, "pretokenize", strict_help="a missing or changed raw shard is an error, not skipped")
     pretokenize.set_defaults(func=cmd_pretokenize)
 
-    evaluation = sub.add_parser("eval", help="a causal model's next-token metrics, or a tokenizer's codebook and reconstruction quality",
+    evaluation = sub.add_parser("eval", help="a causal model's next-token metrics, a tokenizer's codebook and reconstruction quality, "
+                                "or a signal model's forecast / reconstruction metrics",
                                 description="A causal sequence model (gpt, FlatGPT*, BrainOmniCausalForecast): mean cross-entropy "
                                             "(nats), perplexity, next-token and top-5 accuracy, overall and per RVQ level, next to "
                                             "the unigram baseline of the same targets, on the first batches of a split of token "
                                             "shards (or raw windows/clips its tokenizer codes on the fly). A tokenizer checkpoint: "
                                             "codebook utilisation, perplexity, token entropy (bits), normalised reconstruction MSE "
-                                            "and scale error on a raw dataset, against the seed's TOTEM goals. Printed as a table, "
+                                            "and scale error on a raw dataset, against the seed's TOTEM goals. A continuous-signal "
+                                            "model (BENDRForecast, NTD, MEGFactorizedAutoencoder): MSE, correlation and PSD distance "
+                                            "(dB) of its forecast / reconstruction of raw windows, next to a naive baseline. Printed as a table, "
                                             "written as JSON with --out.")
     evaluation.add_argument("checkpoint", help="checkpoint folder, run dir (its newest complete checkpoint) or RUN_DIR/checkpoints/best")
     evaluation.add_argument("--data", required=True, help="dataset root: token shards of the model's kind, grid and vocabulary "

@@ -43,6 +43,9 @@ _MODEL_MODULES = {
     "TASA3D": "modeling.brain.tasa3d",
     "Wavenet3D": "modeling.brain.wavenet",
     "WavenetFullChannel": "modeling.brain.wavenet",
+    "BENDRForecast": "modeling.brain.bendr",
+    "NTD": "modeling.brain.ntd",
+    "MEGFactorizedAutoencoder": "modeling.brain.factorized",
 }
 
 _REGISTRY: dict[str, "ModelSpec"] = {}

@@ -73,8 +73,9 @@ def series_batch(fields: dict[str, torch.Tensor], device: torch.device) -> dict[
 
 
 # model spec task -> (sample fields -> the model's keyword arguments)
+# (signal_forecast: a forecaster reads whole windows and splits off the samples it forecasts itself)
 TASK_BATCHES = {"causal_lm": causal_lm_batch, "token_chunks": token_chunks_batch,
-                "signal_reconstruction": signal_batch, "video_reconstruction": video_batch,
+                "signal_reconstruction": signal_batch, "signal_forecast": signal_batch, "video_reconstruction": video_batch,
                 "series_forecast": series_batch}
 
 

@@ -38,7 +38,7 @@ from sharding import storage
 from sharding.token_grid import TokenGrid
 from sharding.loader import merge_states
 
-RECONSTRUCTION_TASKS = ("signal_reconstruction", "video_reconstruction")
+RECONSTRUCTION_TASKS = ("signal_reconstruction", "video_reconstruction", "signal_forecast")  # plotted at evals
 PLOT_INTERVAL_S = 60.0
 log = logging.getLogger("tokfleet.trainer")
 
@@ -76,10 +76,26 @@ def resolve_model_args(cfg: TrainConfig, manifest, source: GridSource | None = N
         args.setdefault("sequence_len", manifest.seq_len)
         if args["sequence_len"] < manifest.seq_len:
             raise UserError(f"model.args.sequence_len={args['sequence_len']} is shorter than the dataset's sequences ({manifest.seq_len})")
+    set_window_shape(cfg.model.name, args, fields, manifest)
     try:
         return asdict(model_config(cfg.model.name, cfg.model.flavor, args))
     except ValueError as error:
         raise UserError(f"model: {error}") from None
+
+
+def set_window_shape(name: str, args: dict[str, Any], fields: set[str], manifest) -> None:
+    """A continuous-signal model (modeling/brain) reads windows of one shape: its num_channels and
+    signal_length come from the dataset's windows (C, T), like a token model's vocabulary."""
+    shape = (manifest.fields or {}).get("signal.npy", {}).get("shape") or []
+    for field_name, value in zip(("num_channels", "signal_length"), shape):
+        if field_name not in fields:
+            continue
+        if value is None:
+            raise UserError(f"{name} reads windows of one shape; the dataset's windows have a varying {field_name} "
+                            "(prepare it with one channel set, meg.channel_types)")
+        args.setdefault(field_name, value)
+        if args[field_name] != value:
+            raise UserError(f"model.args.{field_name}={args[field_name]} does not match the dataset's windows ({value})")
 
 
 def saved_model_args(saved: dict[str, Any]) -> dict[str, Any]:
@@ -301,19 +317,25 @@ class Trainer:
         return distributed.all_reduce_mean(torch.stack(losses).mean()).item()
 
     def _plot_reconstruction(self, inputs: dict[str, torch.Tensor]) -> None:
-        """plots/reconstruction.png: a tokenizer's input vs its reconstruction for one validation sample.
-        Every rank runs the model (ZeRO-3 / FSDP gather parameters in each forward); rank 0 draws."""
+        """plots/reconstruction.png: a tokenizer's input vs its reconstruction for one validation sample (a
+        continuous-signal model's forecast or reconstruction: its evaluation_pair). Every rank runs the model
+        (ZeRO-3 / FSDP gather parameters in each forward); rank 0 draws."""
         from trainer.tokenizer_runner import TokenizerRunner
 
         was_training = self.model.training
         self.model.eval()
         try:
-            decoded = TokenizerRunner.for_model(self.model, self.cfg.model.name, self.device).reconstruct(inputs)
+            if hasattr(self.model, "evaluation_pair"):
+                pair = self.model.evaluation_pair(inputs["signal"])
+                target, reconstruction = pair.target, pair.prediction
+            else:
+                decoded = TokenizerRunner.for_model(self.model, self.cfg.model.name, self.device).reconstruct(inputs)
+                target, reconstruction = decoded.target, decoded.reconstruction
         finally:
             self.model.train(was_training)
         if self._is_plot_due(mark=False):
             shape = inputs["video"].shape if "video" in inputs else None  # (B, T, H, W, 3)
-            draw_reconstruction(decoded.target[0], decoded.reconstruction[0], self.run_dir / "plots" / "reconstruction.png",
+            draw_reconstruction(target[0], reconstruction[0], self.run_dir / "plots" / "reconstruction.png",
                                 video_shape=None if shape is None else tuple(shape[1:4]), step=self.step)
 
     def plot(self) -> Path | None:
