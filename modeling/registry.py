@@ -38,6 +38,7 @@ _MODEL_MODULES = {
     "BrainOmniCausalForecast": "modeling.brainomni_forecast",
     "Vidtok": "modeling.vidtok",
     "VidtokRVQ": "modeling.vidtok",
+    **dict.fromkeys(("ClassifierContinuous", "ClassifierQuantized", "ClassifierQuantizedImage"), "modeling.brain.classifiers"),
 }
 
 _REGISTRY: dict[str, "ModelSpec"] = {}

@@ -1,0 +1,1 @@
+"""brain-gen's model zoo (seed 004) beyond the tokenizers: classifiers, ..."""
