@@ -146,15 +146,20 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from trainer.causal_eval import checkpoint_task, evaluate_causal, format_causal_report
+    from trainer.classification import evaluate_classifier, format_classification_report
     from trainer.engines.single import pick_device
     from trainer.tokenizer_runner import evaluate, format_report
 
     with exit_on_user_error(args.debug):
         _, task = checkpoint_task(args.checkpoint)
-        run = evaluate_causal if task == "causal_lm" else evaluate  # a sequence model, else a tokenizer
-        report = run(args.checkpoint, args.data, split=args.split, num_batches=args.num_batches,
-                     batch_size=args.batch_size, device=pick_device(args.device))
-    print(format_causal_report(report) if task == "causal_lm" else format_report(report))
+        common = dict(split=args.split, num_batches=args.num_batches, batch_size=args.batch_size, device=pick_device(args.device))
+        if task == "classification":  # the confusion matrix PNG beside the JSON report, else in the run's plots/
+            report = evaluate_classifier(args.checkpoint, args.data, **common, plot=Path(args.out).with_suffix(".png") if args.out else None)
+        else:
+            run = evaluate_causal if task == "causal_lm" else evaluate  # a sequence model, else a tokenizer
+            report = run(args.checkpoint, args.data, **common)
+    formats = {"causal_lm": format_causal_report, "classification": format_classification_report}
+    print(formats.get(task, format_report)(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
@@ -531,13 +536,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_arguments(pretokenize, "pretokenize", strict_help="a missing or changed raw shard is an error, not skipped")
     pretokenize.set_defaults(func=cmd_pretokenize)
 
-    evaluation = sub.add_parser("eval", help="a causal model's next-token metrics, or a tokenizer's codebook and reconstruction quality",
+    evaluation = sub.add_parser("eval", help="a causal model's next-token metrics, a classifier's accuracy and confusion matrix, "
+                                             "or a tokenizer's codebook and reconstruction quality",
                                 description="A causal sequence model (gpt, FlatGPT*, BrainOmniCausalForecast): mean cross-entropy "
                                             "(nats), perplexity, next-token and top-5 accuracy, overall and per RVQ level, next to "
                                             "the unigram baseline of the same targets, on the first batches of a split of token "
                                             "shards (or raw windows/clips its tokenizer codes on the fly). A tokenizer checkpoint: "
                                             "codebook utilisation, perplexity, token entropy (bits), normalised reconstruction MSE "
-                                            "and scale error on a raw dataset, against the seed's TOTEM goals. Printed as a table, "
+                                            "and scale error on a raw dataset, against the seed's TOTEM goals. A classifier: accuracy, "
+                                            "balanced accuracy and the confusion matrix on labelled windows (also as a PNG: beside "
+                                            "--out, else in the run's plots/). Printed as a table, "
                                             "written as JSON with --out.")
     evaluation.add_argument("checkpoint", help="checkpoint folder, run dir (its newest complete checkpoint) or RUN_DIR/checkpoints/best")
     evaluation.add_argument("--data", required=True, help="dataset root: token shards of the model's kind, grid and vocabulary "

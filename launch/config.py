@@ -328,6 +328,30 @@ class MegConfig:
 
 
 @dataclass
+class LabelsConfig:
+    files: dict[str, str] = option(help="class of each input file: glob pattern (matched on the path or the file name) or file name "
+                                        "-> class name; every file must match exactly one class (source.kind meg)", factory=dict)
+    annotations: dict[str, str] = option(help="class of each annotation (event) description of the recordings -> class name; a window "
+                                              "takes the class it overlaps most, windows without one are left out (source.kind meg)",
+                                         factory=dict)
+    ignore: list[str] = option(help="annotation descriptions (glob patterns) that are not labels, e.g. mne's BAD_ segments",
+                               factory=lambda: ["BAD*", "bad*", "EDGE*"])
+    classes: list[str] = option(help="class names in index order; empty: in the order the mapping first names them", factory=list)
+
+    def __post_init__(self):
+        if self.files and self.annotations:
+            raise ConfigError("labels.files and labels.annotations are both set: a dataset's labels come from one of them",
+                              key="labels.annotations")
+        named = list(dict.fromkeys([*self.files.values(), *self.annotations.values()]))
+        if self.classes:
+            if len(set(self.classes)) != len(self.classes):
+                raise ConfigError(f"labels.classes names a class twice: {self.classes}", key="labels.classes")
+            missing = [name for name in named if name not in self.classes]
+            if missing:
+                raise ConfigError(f"labels: class {missing[0]!r} is not in labels.classes {self.classes}", key="labels.classes")
+
+
+@dataclass
 class VideoConfig:
     height: int = option(64, "frame height of the clips (pixels)", bound=">= 1")
     width: int = option(64, "frame width of the clips (pixels)", bound=">= 1")
@@ -373,6 +397,8 @@ class PrepareConfig:
     shards: ShardsConfig
     tokenizer: TokenizerConfig = option(help="text tokenizer", factory=TokenizerConfig)
     meg: MegConfig = option(help="MEG/EEG preprocessing (source.kind meg)", factory=MegConfig)
+    labels: LabelsConfig = option(help="class labels of the windows, for classifiers (source.kind meg); empty: none",
+                                  factory=LabelsConfig)
     video: VideoConfig = option(help="video decoding and clipping (source.kind video)", factory=VideoConfig)
     token_ids: TokenIdsConfig = option(help="integer token data (source.kind tokens)", factory=TokenIdsConfig)
     ray: RayConfig = option(help="Ray runtime", factory=RayConfig)

@@ -18,6 +18,8 @@ Each window is one sample, keyed `{stem}-{hash8}-{window:06d}` (source file + wi
                                      coordinates when the recording has a device->head transform
     sensor_type.npy  int64   (C,)    index into SENSOR_TYPES (0 mag, 1 grad, 2 eeg, ...)
     meta.json        {"source", "window", "start_s", "sfreq", "ch_names"}
+    label.npy        int64   ()      with a `labels` config only: the window's class index (sharding.labels);
+                                     a window without a label is left out
 
 C varies between recordings (channel sets, bad channels); T = window_s * sfreq is fixed.
 """
@@ -180,8 +182,9 @@ def sensor_metadata(info: Any) -> tuple[np.ndarray, np.ndarray]:
     return pos, sensor_type
 
 
-def read_samples(source: str, path: str, cfg: MegConfig) -> Iterator[dict[str, Any]]:
-    """The window samples of the recording at local `path` (read from `source`); SkipInput when it gives none."""
+def read_samples(source: str, path: str, cfg: MegConfig, labels: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """The window samples of the recording at local `path` (read from `source`); SkipInput when it gives none.
+    `labels`: sharding.labels.plan_labels's plan, which labels each window."""
     raw = read_raw(path, cfg)
     preprocess(raw, cfg)
     x_CN = raw.get_data()  # float64, SI units
@@ -201,10 +204,20 @@ def read_samples(source: str, path: str, cfg: MegConfig) -> Iterator[dict[str, A
     if count == 0:
         raise SkipInput(f"shorter than one window: {x_CN.shape[1] / cfg.sfreq:.2f} s < meg.window_s={cfg.window_s:g} s")
     center_f32, scale_f32 = center.astype(np.float32), scale.astype(np.float32)
+    label_of = None
+    if labels is not None:
+        from sharding.labels import window_labeller
+
+        label_of = window_labeller(labels, source, raw)
+        if all(label_of(i * stride, i * stride + window) is None for i in range(count)):
+            raise SkipInput(f"no labelled windows: none of its {count} windows overlaps an annotation of labels.annotations")
     for index in range(count):
         start = index * stride
+        label = None if label_of is None else label_of(start, start + window)
+        if label_of is not None and label is None:
+            continue
         x_CT = x_CN[:, start:start + window]
-        yield {
+        sample = {
             "__key__": source_sample_key(source, index),
             "signal.npy": ((x_CT - center[:, None]) / scale[:, None]).astype(np.float32),
             "norm_center.npy": center_f32,
@@ -214,6 +227,9 @@ def read_samples(source: str, path: str, cfg: MegConfig) -> Iterator[dict[str, A
             "meta.json": {"source": source, "window": index, "start_s": start / cfg.sfreq, "sfreq": float(cfg.sfreq),
                           "ch_names": ch_names},
         }
+        if label is not None:
+            sample["label.npy"] = np.array(label, dtype=np.int64)
+        yield sample
 
 
 def denormalize(sample: dict[str, Any]) -> np.ndarray:

@@ -19,6 +19,7 @@ from launch.errors import UserError
 from launch.redact import public_dict
 from modeling.registry import build_model, get_model_spec, model_config
 from trainer.best_checkpoint import BestCheckpoint
+from trainer.classification import ClassificationTask, resolve_classifier_args
 from trainer.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
 from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, split_has_samples
 from trainer import distributed
@@ -49,6 +50,8 @@ def grid_source(cfg: TrainConfig, manifest) -> GridSource | None:
         task = get_model_spec(cfg.model.name).task
     except ValueError as error:
         raise UserError(f"model.name: {error}") from None
+    if task == "classification":  # classifiers read token windows whole (trainer.classification)
+        return None
     if TokenGrid.from_manifest(manifest, cfg.data.dataset) is not None or (manifest.kind in RAW_KINDS and task == "causal_lm"):
         return GridSource(manifest, cfg.model.args, cfg.data.dataset)
     return None
@@ -63,6 +66,8 @@ def resolve_model_args(cfg: TrainConfig, manifest, source: GridSource | None = N
         fields = {field.name for field in dataclasses.fields(get_model_spec(cfg.model.name).config_cls)}
     except ValueError as error:
         raise UserError(f"model.name: {error}") from None
+    if get_model_spec(cfg.model.name).task == "classification":
+        return resolve_classifier_args(cfg.model.name, cfg.model.flavor, args, manifest, cfg.data.dataset)
     # token models take their vocabulary and context from the data; signal models have neither field
     if "vocab_size" in fields and manifest.vocab_size:
         args.setdefault("vocab_size", manifest.vocab_size)
@@ -126,6 +131,9 @@ class Trainer:
         if self.grid_source is not None:
             grid_task = GridTask(model, cfg.model.name, self.grid_source, self.device)
             self.to_batch, self.count_positions = grid_task, lambda fields, batch: grid_task.num_positions(batch)
+        elif self.spec.task == "classification":
+            classification = ClassificationTask(cfg.model.name, self.manifest, cfg.data.dataset)
+            self.to_batch, self.count_positions = classification, lambda fields, batch: classification.num_positions(batch)
         else:
             self.to_batch, self.count_positions = TASK_BATCHES[self.spec.task], lambda fields, batch: num_tokens(fields)
         self.flops_per_token = model.num_flops_per_token()  # before ZeRO-3 partitions the parameters
