@@ -37,10 +37,10 @@ def prepare_config(tmp_path: Path, name: str, paths: list[str], labels: dict, va
     return path
 
 
-def train_config(tmp_path: Path, name: str, dataset: str, model: str, *, steps: int, micro: int = 8, **sections) -> Path:
+def train_config(tmp_path: Path, name: str, dataset: str, model_name: str, *, steps: int, micro: int = 8, **sections) -> Path:
     config = {
         "run": {"name": name, "output_dir": str(tmp_path / name), "max_steps": steps, "seed": 3, "device": "cpu"},
-        "model": {"name": model, "flavor": "debug"},
+        "model": {"name": model_name, "flavor": "debug"},
         "data": {"dataset": dataset, "num_streams": 2},
         "optim": {"lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "micro_batch_size": micro},
         "engine": {"peak_flops": 1e11},
@@ -149,7 +149,7 @@ def test_annotation_labels(ray_session, recordings, tmp_path):
     config = prepare_config(tmp_path, "annotated", [f"{recordings}/annotated/*.fif"],
                             {"annotations": {"rest": "rest", "alpha": "alpha"}, "classes": ["alpha", "rest"]})
     main(["prepare", str(config), "--quiet"])
-    manifest = Manifest.read(tmp_path / "annotated")
+    manifest = Manifest.read(str(tmp_path / "annotated"))
     assert manifest.fields["label.npy"]["classes"] == ["alpha", "rest"]
     num_checked = 0
     for record in manifest.shards:
@@ -195,7 +195,7 @@ def test_class_missing_from_val_is_named(ray_session, recordings, tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="sharding.labels"):
         main(["prepare", str(prepare_config(tmp_path, "missing-val", files, {"files": FILE_LABELS}, val_fraction=0.17)), "--quiet"])
     assert "labels: the val split has no windows of class 'rest' (10 windows of the others)" in caplog.text
-    assert Manifest.read(tmp_path / "missing-val").stats["label_counts"]["val"] == {"alpha": 10, "rest": 0}
+    assert Manifest.read(str(tmp_path / "missing-val")).stats["label_counts"]["val"] == {"alpha": 10, "rest": 0}
 
 
 # ------------------------------------------------------------------ labels through pretokenize
@@ -209,7 +209,7 @@ def test_quantized_classifiers_on_pretokenized_labels(labelled, tmp_path):
               "shards": {"output": str(tmp_path / "tokens"), "name": "tok"}}
     (tmp_path / "pretokenize.yaml").write_text(yaml.safe_dump(config))
     main(["pretokenize", str(tmp_path / "pretokenize.yaml"), "--quiet"])
-    tokens, raw = Manifest.read(tmp_path / "tokens"), Manifest.read(labelled)
+    tokens, raw = Manifest.read(str(tmp_path / "tokens")), Manifest.read(labelled)
     assert tokens.fields["label.npy"]["classes"] == ["alpha", "rest"] and tokens.stats["label_counts"] == raw.stats["label_counts"]
     raw_labels = {s["__key__"]: int(s["label"]) for r in raw.shards for s in read_shard(f"{labelled}/{r.name}")}
     token_labels = {s["__key__"]: int(s["label"]) for r in tokens.shards for s in read_shard(f"{tmp_path}/tokens/{r.name}")}
@@ -229,8 +229,8 @@ def test_quantized_classifiers_on_pretokenized_labels(labelled, tmp_path):
 
 
 def test_zero2_two_ranks_resume_identical(labelled, tmp_path):
-    """ClassifierContinuous, 2 ranks under the deepspeed launcher (ZeRO-2): stopped at step 3 and resumed,
-    the losses equal the uninterrupted run's."""
+    """ClassifierContinuous, 2 ranks under the deepspeed launcher (ZeRO-2): the run's step-3 checkpoint
+    resumed (a copy of the run without its later checkpoint) gives the uninterrupted run's losses."""
     from test_distributed import losses, run
 
     def config(name: str) -> Path:
@@ -239,7 +239,11 @@ def test_zero2_two_ranks_resume_identical(labelled, tmp_path):
                             checkpoint={"every_steps": 3, "keep_last": 3}, logging={"every_steps": 1})
 
     run("deepspeed", 2, config("two"))
-    run("deepspeed", 2, config("resumed"), "--stop-at-step", "3")
-    run("deepspeed", 2, config("resumed"), "--resume", "auto")
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000006")
+    result = run("deepspeed", 2, config("resumed"), "--resume", "auto")
+    assert "step-00000003" in result.stdout + result.stderr
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["engine"] == "deepspeed" and state["model"]["args"]["num_classes"] == 2
     assert sorted(losses(tmp_path / "two")) == list(range(1, 7))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "two")
