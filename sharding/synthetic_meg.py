@@ -9,7 +9,10 @@ A second kind, `sinusoids`, is a predictable signal for testing forecasters end 
 channel a sinusoid of its own random period, phase and amplitude plus a little noise, so a
 forecast that is aligned in time and scale beats the naive baselines by a wide margin.
 
-    python -m sharding.synthetic_meg OUT_DIR [--kind meg|sinusoids] [--num-recordings 6] [--seconds 20]
+A third, `labelled` / `annotated`, is for classifiers: recordings with and without alpha, labelled
+by file name (alpha-XX / rest-XX) or by annotations of alternating segments (write_labelled_recordings).
+
+    python -m sharding.synthetic_meg OUT_DIR [--kind meg|sinusoids|labelled|annotated] [--num-recordings 6] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -149,12 +152,18 @@ def write_labelled_recordings(directory: str, num_per_class: int = 4, seconds: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--kind", choices=("meg", "sinusoids"), default="meg",
-                        help="meg: realistic MEG + EEG; sinusoids: a sinusoid per channel (a predictable signal)")
+    parser.add_argument("--kind", choices=("meg", "sinusoids", "labelled", "annotated"), default="meg",
+                        help="meg: realistic MEG + EEG; sinusoids: a sinusoid per channel (a predictable signal); labelled: "
+                             "half with alpha bursts (alpha-XX), half without (rest-XX); annotated: alpha in alternating "
+                             "2-s segments annotated alpha / rest")
     parser.add_argument("--num-recordings", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
-    paths = write_recordings(args.out_dir, args.num_recordings, args.seconds, args.kind)
+    if args.kind in ("labelled", "annotated"):
+        paths = write_labelled_recordings(args.out_dir, max(1, args.num_recordings // 2), args.seconds,
+                                          segment_s=2.0 if args.kind == "annotated" else 0.0)
+    else:
+        paths = write_recordings(args.out_dir, args.num_recordings, args.seconds, args.kind)
     print(f"wrote {len(paths)} recordings to {args.out_dir}")
 
 
