@@ -100,6 +100,15 @@ def test_shapes_flops_and_overfit(name, inputs):
         optimizer.step()
     assert loss.item() < 0.3 * first
     assert model.last_report["accuracy"].value == 1.0 and model.last_report["accuracy"].weight == 6
+    # gradient checkpointing recomputes the blocks: the same loss and gradients
+    model.zero_grad()
+    model(**inputs, label=label).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.set_gradient_checkpointing(True)
+    model.zero_grad()
+    model(**inputs, label=label).backward()
+    for before, parameter in zip(plain, model.parameters()):
+        torch.testing.assert_close(parameter.grad, before)
     wider = build_model(name, "debug", {"num_classes": 3, "d_model": 2 * model.config.d_model}, device="meta")
     assert 0 < model.num_flops_per_token() < wider.num_flops_per_token()
 
@@ -159,7 +168,11 @@ def test_annotation_labels(ray_session, recordings, tmp_path):
             assert int(sample["label"]) == (0 if (window + recording) % 2 == 1 else 1), (recording, window)
             num_checked += 1
     assert num_checked == 40
-    assert manifest.stats["label_counts"]["train"] == {"alpha": 15, "rest": 15}
+    assert manifest.stats["label_counts"] == {"train": {"alpha": 15, "rest": 15}, "val": {"alpha": 5, "rest": 5}}
+    main(["train", str(train_config(tmp_path, "cls", str(tmp_path / "annotated"), "ClassifierContinuous", steps=40))])
+    main(["eval", str(tmp_path / "cls"), "--data", str(tmp_path / "annotated"), "--out", str(tmp_path / "eval.json")])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["num_samples"] == 10 and report["balanced_accuracy"] >= 0.8, report
 
 
 # ------------------------------------------------------------------ bad labels
