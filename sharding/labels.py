@@ -103,6 +103,14 @@ def plan_labels(cfg: LabelsConfig, sources: list[str], source_options: dict[str,
             "ignore": list(cfg.ignore)}
 
 
+def shard_plan(plan: dict[str, Any] | None, sources: list[str]) -> dict[str, Any] | None:
+    """The part of `plan` a shard of `sources` needs (its build id covers it: a file added elsewhere
+    changes no other shard's)."""
+    if plan is None or "files" not in plan:
+        return plan
+    return {**plan, "files": {source: plan["files"][source] for source in sources}}
+
+
 def window_labeller(plan: dict[str, Any], source: str, raw: Any) -> Callable[[int, int], int | None]:
     """label(start, stop) of a window of samples [start, stop) of `raw` (the recording as windowed:
     filtered and resampled, time 0 at its first sample): the class index, or None (no label)."""

@@ -45,7 +45,7 @@ from sharding.shard_build import (
     sidecar_name,
     val_group_indexes,
 )
-from sharding.labels import LABEL_FIELD, label_counts, plan_labels, split_counts
+from sharding.labels import LABEL_FIELD, label_counts, plan_labels, shard_plan, split_counts
 from sharding.shards import shard_name, write_shard
 from sharding.text_corpus import Document, corpus_fingerprint, list_files
 
@@ -184,8 +184,9 @@ def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]], labels: dict[
             "options": options,
             "documents": corpus_fingerprint(group),
         }
-        if labels is not None:  # (unlabelled datasets keep their build ids)
-            identity["labels"] = labels
+        group_labels = shard_plan(labels, [document.source for document in group])
+        if group_labels is not None:  # (unlabelled datasets keep their build ids)
+            identity["labels"] = group_labels
         specs.append(SignalShardSpec(
             index=index,
             shard=name,
@@ -195,7 +196,7 @@ def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]], labels: dict[
             kind=kind,
             options=options,
             documents=[asdict(document) for document in group],
-            labels=labels,
+            labels=group_labels,
         ))
     return specs
 

@@ -37,12 +37,12 @@ def prepare_config(tmp_path: Path, name: str, paths: list[str], labels: dict, va
     return path
 
 
-def train_config(tmp_path: Path, name: str, dataset: str, model_name: str, *, steps: int, micro: int = 8, **sections) -> Path:
+def train_config(tmp_path: Path, name: str, dataset: str, model_name: str, *, steps: int, micro: int = 16, **sections) -> Path:
     config = {
         "run": {"name": name, "output_dir": str(tmp_path / name), "max_steps": steps, "seed": 3, "device": "cpu"},
         "model": {"name": model_name, "flavor": "debug"},
         "data": {"dataset": dataset, "num_streams": 2},
-        "optim": {"lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "micro_batch_size": micro},
+        "optim": {"lr": 3e-3, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "micro_batch_size": micro},
         "engine": {"peak_flops": 1e11},
         "checkpoint": {"every_steps": 0},
         "logging": {"every_steps": 5, "progress": False, "wandb": False},
@@ -139,7 +139,7 @@ def test_file_labels_train_and_eval(labelled, tmp_path, capsys):
         expected = 0 if Path(record.sources[0]).name.startswith("alpha") else 1
         assert {int(s["label"]) for s in samples} == {expected} and samples[0]["label"].dtype == np.int64
 
-    main(["train", str(train_config(tmp_path, "cls", labelled, "ClassifierContinuous", steps=40))])
+    main(["train", str(train_config(tmp_path, "cls", labelled, "ClassifierContinuous", steps=60))])
     records = [json.loads(line) for line in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"] and records[-1]["mfu"] > 0 and "accuracy" in records[-1]
     out = tmp_path / "eval.json"
@@ -169,7 +169,7 @@ def test_annotation_labels(ray_session, recordings, tmp_path):
             num_checked += 1
     assert num_checked == 40
     assert manifest.stats["label_counts"] == {"train": {"alpha": 15, "rest": 15}, "val": {"alpha": 5, "rest": 5}}
-    main(["train", str(train_config(tmp_path, "cls", str(tmp_path / "annotated"), "ClassifierContinuous", steps=40))])
+    main(["train", str(train_config(tmp_path, "cls", str(tmp_path / "annotated"), "ClassifierContinuous", steps=60))])
     main(["eval", str(tmp_path / "cls"), "--data", str(tmp_path / "annotated"), "--out", str(tmp_path / "eval.json")])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["num_samples"] == 10 and report["balanced_accuracy"] >= 0.8, report

@@ -153,7 +153,8 @@ def draw_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, ti
     shown = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(shown, ax=ax)
     ticks = np.arange(len(classes))
-    ax.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes, xlabel="predicted", ylabel="true", title=title)
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes, xlabel="predicted", ylabel="true")
+    ax.set_title(title, fontsize=10)
     for (row, column), count in np.ndenumerate(matrix):
         ax.text(column, row, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
     fig.tight_layout()
@@ -208,7 +209,7 @@ def evaluate_classifier(checkpoint: str, dataset: str, *, split: str = "val", nu
     matrix = confusion_matrix(label_array, prediction_array, num_classes)
     metrics = classification_metrics(matrix)
     plot = Path(plot) if plot else directory.parent.parent / "plots" / "confusion_matrix.png"
-    title = f"{name} step {state['step']}: accuracy {metrics['accuracy']:.3f}, balanced {metrics['balanced_accuracy']:.3f}"
+    title = f"{name}, step {state['step']}\naccuracy {metrics['accuracy']:.3f}, balanced {metrics['balanced_accuracy']:.3f}"
     draw_confusion_matrix(matrix, classes, plot, title)
     return {"checkpoint": str(directory), "model": name, "flavor": state["model"]["flavor"], "step": int(state["step"]),
             "task": "classification", "dataset": dataset, "split": split,

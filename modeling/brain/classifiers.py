@@ -114,8 +114,11 @@ class DownBlock(nn.Module):
         return self.skip(x) + self.conv(F.gelu(self.norm(x)))
 
 
+POWER_EPS = 1e-4
+
+
 class TemporalStack(nn.Module):
-    """num_layers DownBlocks, then norm + GELU and the mean over time: (B, D, T, ...) -> (B, D, ...)."""
+    """num_layers DownBlocks, then the log mean power of each normalised feature over time: (B, D, T, ...) -> (B, D, ...)."""
 
     def __init__(self, width: int, num_layers: int, kernel_size: int, stride: int, dims: int):
         super().__init__()
@@ -125,7 +128,9 @@ class TemporalStack(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = run_stages(self.blocks, x, self.use_gradient_checkpointing and self.training)
-        return F.gelu(self.norm(x)).mean(dim=2)
+        # log of each feature's mean power over time: oscillations show as power in the features that
+        # filter their band (ShallowConvNet's square-mean-log), whatever their phase
+        return torch.log(self.norm(x).pow(2).mean(dim=2) + POWER_EPS)
 
 
 class Classifier(TokenizerModel):
