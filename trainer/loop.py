@@ -167,6 +167,7 @@ class Trainer:
             raise UserError(f"data.val_split '{cfg.data.val_split}': {cfg.data.dataset} has no '{cfg.data.val_split}' samples "
                             "(set data.val_split: '' to train without validation)")
         self.has_val = bool(cfg.data.val_split)
+        self.val_accuracy: float | None = None  # a classifier's, at the last evaluation
         self.step, self.tokens_seen, self.samples_seen = 0, 0, 0
         # this rank's step losses since the last metrics record: a checkpoint keeps them, so a resumed
         # run logs the same mean at the next logging step as the uninterrupted run
@@ -299,7 +300,12 @@ class Trainer:
         batches = batches[:distributed.all_reduce_min(len(batches))]
         if not batches:
             return None
-        losses = [self.engine.eval_loss(self.to_batch(b, self.device)) for b in batches]
+        losses, accuracies = [], []
+        for batch in batches:
+            losses.append(self.engine.eval_loss(self.to_batch(batch, self.device)))
+            if self.spec.task == "classification":  # the batch's accuracy, which the classifier reports
+                accuracies.append(self.model.last_report["accuracy"].value)
+        self.val_accuracy = distributed.all_reduce_mean(torch.stack(accuracies).mean()).item() if accuracies else None
         if self.spec.task in RECONSTRUCTION_TASKS and self.grid_source is None:
             self._plot_reconstruction(self.to_batch(batches[0], self.device))
         return distributed.all_reduce_mean(torch.stack(losses).mean()).item()
@@ -403,6 +409,8 @@ class Trainer:
                         val_loss = self.evaluate()
                         if val_loss is not None:
                             record["val_loss"] = val_loss
+                        if self.val_accuracy is not None:
+                            record["val_accuracy"] = self.val_accuracy
                     metrics.log(record)
                     last_record = record
                     if is_eval and self._is_plot_due():  # plots/ follows the run
