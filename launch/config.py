@@ -334,15 +334,23 @@ class LabelsConfig:
     annotations: dict[str, str] = option(help="class of each annotation (event) description of the recordings -> class name; a window "
                                               "takes the class it overlaps most, windows without one are left out (source.kind meg)",
                                          factory=dict)
-    ignore: list[str] = option(help="annotation descriptions (glob patterns) that are not labels, e.g. mne's BAD_ segments",
+    events: dict[str, str] = option(help="class of each event id of the recordings' stim channel -> class name; a window takes the "
+                                         "class of the events whose onsets it holds, windows without one are left out (source.kind meg)",
+                                    factory=dict)
+    stim_channel: str | None = option(None, "labels.events: the stim channel to read events from; empty: mne's default (STI 014, ...)")
+    ignore: list[str] = option(help="annotation descriptions or event ids (glob patterns) that are not labels, e.g. mne's BAD_ segments",
                                factory=lambda: ["BAD*", "bad*", "EDGE*"])
     classes: list[str] = option(help="class names in index order; empty: in the order the mapping first names them", factory=list)
 
     def __post_init__(self):
-        if self.files and self.annotations:
-            raise ConfigError("labels.files and labels.annotations are both set: a dataset's labels come from one of them",
-                              key="labels.annotations")
-        named = list(dict.fromkeys([*self.files.values(), *self.annotations.values()]))
+        sources = [name for name in ("files", "annotations", "events") if getattr(self, name)]
+        if len(sources) > 1:
+            raise ConfigError(f"labels.{sources[0]} and labels.{sources[1]} are both set: a dataset's labels come from one of them",
+                              key=f"labels.{sources[1]}")
+        bad_ids = [key for key in self.events if not key.lstrip("-").isdigit()]
+        if bad_ids:
+            raise ConfigError(f"labels.events: event ids are integers, got {bad_ids[0]!r}", key="labels.events")
+        named = list(dict.fromkeys([*self.files.values(), *self.annotations.values(), *self.events.values()]))
         if self.classes:
             if len(set(self.classes)) != len(self.classes):
                 raise ConfigError(f"labels.classes names a class twice: {self.classes}", key="labels.classes")

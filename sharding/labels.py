@@ -6,7 +6,9 @@ A label comes from one of two places:
 - `labels.annotations`: the recording's annotations (events with a description, onset and duration,
   as mne reads them from FIF, EDF, BrainVision, ...): a window takes the class whose annotations
   overlap it most (an annotation of duration 0 counts when its onset lies in the window); a window
-  that no mapped annotation touches is left out.
+  that no mapped annotation touches is left out;
+- `labels.events`: the event ids of the recording's stim channel (mne.find_events), which become
+  annotations `event ID` of duration 0 and label windows as above.
 
 Every window sample then stores `label.npy` (int64, shape ()): the index of its class. The manifest
 names the classes in index order (`fields["label.npy"]["classes"]`) and counts them per split
@@ -35,13 +37,35 @@ log = logging.getLogger(__name__)
 LABEL_FIELD = "label.npy"
 
 
+EVENT_PREFIX = "event "  # the description of a stim channel event's annotation: "event 3"
+
+
 def has_labels(cfg: LabelsConfig) -> bool:
-    return bool(cfg.files or cfg.annotations)
+    return bool(cfg.files or cfg.annotations or cfg.events)
 
 
 def class_names(cfg: LabelsConfig) -> list[str]:
     """Class names in index order: labels.classes, else in the order the mapping first names them."""
-    return list(cfg.classes) or list(dict.fromkeys([*cfg.files.values(), *cfg.annotations.values()]))
+    return list(cfg.classes) or list(dict.fromkeys([*cfg.files.values(), *cfg.annotations.values(), *cfg.events.values()]))
+
+
+def read_events(raw: Any, stim_channel: str | None) -> Any:
+    """The (N, 3) events of `raw`'s stim channel; ValueError when it has none."""
+    import mne
+
+    return mne.find_events(raw, stim_channel=stim_channel, shortest_event=1, consecutive=True, verbose="error")
+
+
+def add_event_annotations(raw: Any, stim_channel: str | None) -> None:
+    """Each stim channel event of `raw` as an annotation `event ID` of duration 0 (before its channels are picked)."""
+    import mne
+
+    events = read_events(raw, stim_channel)
+    if len(events):
+        descriptions = {int(i): f"{EVENT_PREFIX}{int(i)}" for i in set(events[:, 2])}
+        marks = mne.annotations_from_events(events, raw.info["sfreq"], event_desc=descriptions, first_samp=raw.first_samp,
+                                            orig_time=raw.annotations.orig_time, verbose="error")
+        raw.set_annotations(raw.annotations + marks)
 
 
 def _matches(source: str, pattern: str) -> bool:
@@ -67,27 +91,44 @@ def _is_ignored(description: str, ignore: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(description, pattern) for pattern in ignore)
 
 
-def _check_annotations(cfg: LabelsConfig, sources: list[str], source_options: dict[str, Any] | None) -> None:
-    """Every annotation description of every recording is mapped or ignored, and some recording has a mapped one."""
+def _marks(path: str, cfg: LabelsConfig) -> list[str]:
+    """The distinct annotation descriptions (labels.annotations) or event ids (labels.events) of the recording at `path`."""
     import mne
 
+    if cfg.annotations:
+        return list(dict.fromkeys(mne.read_annotations(path).description))
+    raw = mne.io.read_raw(path, preload=False, verbose="error")
+    try:
+        events = read_events(raw, cfg.stim_channel)
+    except ValueError as error:  # no stim channel
+        raise UserError(f"labels.events: {path}: {str(error).splitlines()[0]}") from None
+    return [str(i) for i in sorted(set(events[:, 2].tolist()))]
+
+
+def _check_marks(cfg: LabelsConfig, sources: list[str], source_options: dict[str, Any] | None) -> None:
+    """Every annotation description (event id) of every recording is mapped or ignored, and some recording has a mapped one."""
     from sharding import storage
 
+    section = "annotations" if cfg.annotations else "events"
+    mapping = getattr(cfg, section)
+    what = "annotation" if cfg.annotations else "event id"
     num_mapped = 0
     for source in sources:
         try:
             with storage.local_file(source, source_options) as path:
-                annotations = mne.read_annotations(path)
+                marks = _marks(path, cfg)
+        except UserError:
+            raise
         except Exception:  # noqa: BLE001 - no annotations, or a file the reader skips later with its reason
             continue
-        for description in dict.fromkeys(annotations.description):
-            if description in cfg.annotations:
+        for mark in marks:
+            if mark in mapping:
                 num_mapped += 1
-            elif not _is_ignored(description, cfg.ignore):
-                raise UserError(f"labels.annotations: {source} has annotation {description!r}, which is not in the mapping "
-                                f"{list(cfg.annotations)} (map it, or add it to labels.ignore)")
+            elif not _is_ignored(mark, cfg.ignore):
+                raise UserError(f"labels.{section}: {source} has {what} {mark!r}, which is not in the mapping "
+                                f"{list(mapping)} (map it, or add it to labels.ignore)")
     if num_mapped == 0:
-        raise UserError(f"labels.annotations: none of the {len(sources)} recordings has an annotation of {list(cfg.annotations)}")
+        raise UserError(f"labels.{section}: none of the {len(sources)} recordings has an {what} of {list(mapping)}")
 
 
 def plan_labels(cfg: LabelsConfig, sources: list[str], source_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -98,9 +139,11 @@ def plan_labels(cfg: LabelsConfig, sources: list[str], source_options: dict[str,
     classes = class_names(cfg)
     if cfg.files:
         return {"classes": classes, "files": _file_classes(cfg, sources, classes)}
-    _check_annotations(cfg, sources, source_options)
-    return {"classes": classes, "annotations": {key: classes.index(name) for key, name in cfg.annotations.items()},
-            "ignore": list(cfg.ignore)}
+    _check_marks(cfg, sources, source_options)
+    if cfg.events:
+        return {"classes": classes, "annotations": {f"{EVENT_PREFIX}{key}": classes.index(name) for key, name in cfg.events.items()},
+                "events": True, "stim_channel": cfg.stim_channel}
+    return {"classes": classes, "annotations": {key: classes.index(name) for key, name in cfg.annotations.items()}}
 
 
 def shard_plan(plan: dict[str, Any] | None, sources: list[str]) -> dict[str, Any] | None:

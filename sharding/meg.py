@@ -103,8 +103,9 @@ def check_edf_size(path: str) -> None:
         raise SkipInput(f"truncated: {actual} bytes, the header promises {expected} ({num_records} records)")
 
 
-def read_raw(path: str, cfg: MegConfig) -> Any:
-    """The picked channels of the recording at `path`, loaded; SkipInput when unreadable or none are left."""
+def read_raw(path: str, cfg: MegConfig, labels: dict[str, Any] | None = None) -> Any:
+    """The picked channels of the recording at `path`, loaded; SkipInput when unreadable or none are left.
+    With labels from stim channel events (sharding.labels), the events become annotations before the pick."""
     import mne
 
     if path.lower().endswith((".edf", ".bdf")):
@@ -119,6 +120,10 @@ def read_raw(path: str, cfg: MegConfig) -> Any:
     bads = set(raw.info["bads"]) if cfg.exclude_bads else set()
     if all(name in bads for name, kind in zip(raw.ch_names, raw.get_channel_types()) if kind in cfg.channel_types):
         raise SkipInput(f"no usable channels: every channel of types {cfg.channel_types} is marked bad")
+    if labels is not None and labels.get("events"):
+        from sharding.labels import add_event_annotations
+
+        add_event_annotations(raw, labels["stim_channel"])
     raw.pick(cfg.channel_types, exclude="bads" if cfg.exclude_bads else [], verbose="error")
     try:
         raw.load_data(verbose="error")
@@ -185,7 +190,7 @@ def sensor_metadata(info: Any) -> tuple[np.ndarray, np.ndarray]:
 def read_samples(source: str, path: str, cfg: MegConfig, labels: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """The window samples of the recording at local `path` (read from `source`); SkipInput when it gives none.
     `labels`: sharding.labels.plan_labels's plan, which labels each window."""
-    raw = read_raw(path, cfg)
+    raw = read_raw(path, cfg, labels)
     preprocess(raw, cfg)
     x_CN = raw.get_data()  # float64, SI units
     center, scale = normalization_stats(x_CN, cfg.normalization)
@@ -210,7 +215,7 @@ def read_samples(source: str, path: str, cfg: MegConfig, labels: dict[str, Any] 
 
         label_of = window_labeller(labels, source, raw)
         if all(label_of(i * stride, i * stride + window) is None for i in range(count)):
-            raise SkipInput(f"no labelled windows: none of its {count} windows overlaps an annotation of labels.annotations")
+            raise SkipInput(f"no labelled windows: none of its {count} windows holds a mapped annotation or event")
     for index in range(count):
         start = index * stride
         label = None if label_of is None else label_of(start, start + window)

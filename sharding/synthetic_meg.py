@@ -115,14 +115,18 @@ def write_recordings(directory: str, num_recordings: int = 6, seconds: float = 2
     return paths
 
 
+EVENT_IDS = {"alpha": 1, "rest": 2}  # stim channel values of write_labelled_recordings(marks="events")
+
+
 def write_labelled_recordings(directory: str, num_per_class: int = 4, seconds: float = 20.0, sfreq: float = 250.0,
-                              segment_s: float = 0.0, num_triplets: int = 8) -> list[str]:
+                              segment_s: float = 0.0, num_triplets: int = 8, marks: str = "annotations") -> list[str]:
     """Recordings of two kinds for classifiers, magnetometers + gradiometers only; their paths.
 
     segment_s 0: `alpha-XX_raw.fif` with alpha bursts and `rest-XX_raw.fif` without (a class per
     file). segment_s > 0: `rec-XX_raw.fif` whose segments of segment_s seconds alternate between
-    alpha (on throughout, from an odd recording's first segment on) and none, annotated "alpha" /
-    "rest" (a class per annotation).
+    alpha (on throughout, from an odd recording's first segment on) and none, marked by annotations
+    "alpha" / "rest" (marks "annotations") or by events EVENT_IDS on a stim channel "STI 014", a
+    pulse of 5 samples 10 samples after each segment's start (marks "events").
     """
     import mne
 
@@ -141,7 +145,15 @@ def write_labelled_recordings(directory: str, num_per_class: int = 4, seconds: f
             raw = make_raw(**options, alpha_envelope=is_alpha.astype(np.float64))
             onsets = np.arange(segment.max() + 1) * segment_s
             kinds = ["alpha" if (k + index) % 2 == 1 else "rest" for k in range(len(onsets))]
-            raw.set_annotations(mne.Annotations(onsets, [segment_s] * len(onsets), kinds))
+            if marks == "events":
+                stim = np.zeros((1, num_times))
+                for onset, kind in zip(onsets, kinds):
+                    first = int(round(onset * sfreq)) + 10
+                    stim[0, first:first + 5] = EVENT_IDS[kind]
+                raw.add_channels([mne.io.RawArray(stim, mne.create_info(["STI 014"], sfreq, "stim"), verbose="error")],
+                                 force_update_info=True)
+            else:
+                raw.set_annotations(mne.Annotations(onsets, [segment_s] * len(onsets), kinds))
             name = f"rec-{index:02d}_raw.fif"
         path = os.path.join(directory, name)
         raw.save(path, overwrite=True, verbose="error")

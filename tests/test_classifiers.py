@@ -62,6 +62,7 @@ def recordings(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("alpha-rest")
     write_labelled_recordings(str(folder / "files"), num_per_class=4, seconds=20.0)
     write_labelled_recordings(str(folder / "annotated"), num_per_class=2, seconds=20.0, segment_s=2.0)
+    write_labelled_recordings(str(folder / "events"), num_per_class=1, seconds=12.0, segment_s=2.0, marks="events")
     return folder
 
 
@@ -174,6 +175,24 @@ def test_annotation_labels(ray_session, recordings, tmp_path):
     main(["eval", str(tmp_path / "cls"), "--data", str(tmp_path / "annotated"), "--out", str(tmp_path / "eval.json")])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["num_samples"] == 10 and report["balanced_accuracy"] >= 0.8, report
+
+
+def test_event_labels(ray_session, recordings, tmp_path, capsys):
+    """Stim channel events (1: alpha, 2: rest) at each 2-s segment's start label the window holding them;
+    an event id the mapping lacks is a one-line error."""
+    config = prepare_config(tmp_path, "events", [f"{recordings}/events/*.fif"], {"events": {1: "alpha", 2: "rest"}},
+                            val_fraction=0.5)
+    main(["prepare", str(config), "--quiet"])
+    manifest = Manifest.read(str(tmp_path / "events"))
+    assert manifest.stats["label_counts"] == {"train": {"alpha": 3, "rest": 3}, "val": {"alpha": 3, "rest": 3}}
+    for record in manifest.shards:
+        recording = int(Path(record.sources[0]).name[4:6])
+        labels = [int(s["label"]) for s in read_shard(f"{tmp_path}/events/{record.name}")]
+        assert labels == [0 if (window + recording) % 2 == 1 else 1 for window in range(6)]
+    unmapped = prepare_config(tmp_path, "unmapped", [f"{recordings}/events/*.fif"], {"events": {1: "alpha"}})
+    assert "has event id '2', which is not in the mapping ['1']" in cli_error(capsys, ["prepare", str(unmapped), "--quiet"])
+    no_stim = prepare_config(tmp_path, "nostim", [f"{recordings}/annotated/rec-00_raw.fif"], {"events": {1: "alpha"}})
+    assert "labels.events: " in cli_error(capsys, ["prepare", str(no_stim), "--quiet"])
 
 
 # ------------------------------------------------------------------ bad labels
