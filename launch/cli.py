@@ -310,6 +310,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     for name, field in manifest.fields.items():
         if "dtype" in field:  # None: a size that varies between samples (e.g. MEG channels)
             print(f"  field {name}: {field['dtype']} ({', '.join('*' if n is None else str(n) for n in field['shape'])})")
+    counts = manifest.stats.get("label_counts")
+    if counts:  # a labelled dataset (sharding/labels.py): windows per class and split
+        print("  classes: " + ", ".join(f"{name} ({' / '.join(f'{counts[s].get(name, 0)} {s}' for s in counts)})"
+                                        for name in manifest.fields["label.npy"]["classes"]))
     print(f"  skipped inputs: {len(manifest.skipped)}")
     for entry in manifest.skipped[:10]:
         print(f"    {entry.path}: {entry.reason}")

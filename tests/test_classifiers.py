@@ -139,6 +139,10 @@ def test_file_labels_train_and_eval(labelled, tmp_path, capsys):
         samples = read_shard(f"{labelled}/{record.name}")
         expected = 0 if Path(record.sources[0]).name.startswith("alpha") else 1
         assert {int(s["label"]) for s in samples} == {expected} and samples[0]["label"].dtype == np.int64
+    capsys.readouterr()
+    main(["inspect", labelled])
+    inspected = capsys.readouterr().out
+    assert "classes: alpha (30 train / 10 val), rest (30 train / 10 val)" in inspected and "all shards verified" in inspected
 
     main(["train", str(train_config(tmp_path, "cls", labelled, "ClassifierContinuous", steps=60))])
     records = [json.loads(line) for line in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()]
