@@ -412,6 +412,11 @@ class PrepareConfig:
     ray: RayConfig = option(help="Ray runtime", factory=RayConfig)
     launch: LaunchConfig = option(help="cluster jobs: tokfleet submit slurm|ray|local", factory=LaunchConfig)
 
+    def __post_init__(self):
+        labels = self.labels
+        if (labels.files or labels.annotations or labels.events) and self.source.kind != "meg":
+            raise ConfigError(f"labels: class labels are read for source.kind meg, not {self.source.kind}", key="labels")
+
 
 # ---------------------------------------------------------- pretokenize config
 

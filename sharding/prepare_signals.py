@@ -222,8 +222,6 @@ def prepare_signals(cfg: PrepareConfig, progress: bool = True, strict: bool = Fa
         raise UserError(f"shards.source_bytes_per_shard must be >= 1, got {shards_cfg.source_bytes_per_shard}")
     reader = reader_module(kind)
     reader.check_options(reader_options(cfg))
-    if kind != "meg" and (cfg.labels.files or cfg.labels.annotations):
-        raise UserError(f"labels: class labels are read for source.kind meg, not {kind}")
 
     files = list_files(cfg.source)
     labels = plan_labels(cfg.labels, [f.source for f in files], cfg.source.storage_options)  # before anything is written

@@ -211,6 +211,9 @@ def test_bad_labels_are_one_line_errors(labelled, recordings, tmp_path, capsys):
         (prepare_config(tmp_path, "annotation", [f"{recordings}/annotated/*.fif"], {"annotations": {"alpha": "alpha"}}),
          "has annotation 'rest', which is not in the mapping ['alpha']"),
     ]
+    config = prepare_config(tmp_path, "video", files, {"files": FILE_LABELS})
+    config.write_text(config.read_text().replace("kind: meg", "kind: video"))
+    assert "labels: class labels are read for source.kind meg, not video" in cli_error(capsys, ["prepare", str(config)])
     for config, message in cases:
         assert message in cli_error(capsys, ["prepare", str(config), "--quiet"])
         assert not (tmp_path / config.stem).exists()  # checked before anything is written
