@@ -329,6 +329,38 @@ class MegConfig:
 
 
 @dataclass
+class LabelsConfig:
+    files: dict[str, str] = option(help="class of each input file: glob pattern (matched on the path or the file name) or file name "
+                                        "-> class name; every file must match exactly one class (source.kind meg)", factory=dict)
+    annotations: dict[str, str] = option(help="class of each annotation (event) description of the recordings -> class name; a window "
+                                              "takes the class it overlaps most, windows without one are left out (source.kind meg)",
+                                         factory=dict)
+    events: dict[str, str] = option(help="class of each event id of the recordings' stim channel -> class name; a window takes the "
+                                         "class of the events whose onsets it holds, windows without one are left out (source.kind meg)",
+                                    factory=dict)
+    stim_channel: str | None = option(None, "labels.events: the stim channel to read events from; empty: mne's default (STI 014, ...)")
+    ignore: list[str] = option(help="annotation descriptions or event ids (glob patterns) that are not labels, e.g. mne's BAD_ segments",
+                               factory=lambda: ["BAD*", "bad*", "EDGE*"])
+    classes: list[str] = option(help="class names in index order; empty: in the order the mapping first names them", factory=list)
+
+    def __post_init__(self):
+        sources = [name for name in ("files", "annotations", "events") if getattr(self, name)]
+        if len(sources) > 1:
+            raise ConfigError(f"labels.{sources[0]} and labels.{sources[1]} are both set: a dataset's labels come from one of them",
+                              key=f"labels.{sources[1]}")
+        bad_ids = [key for key in self.events if not key.lstrip("-").isdigit()]
+        if bad_ids:
+            raise ConfigError(f"labels.events: event ids are integers, got {bad_ids[0]!r}", key="labels.events")
+        named = list(dict.fromkeys([*self.files.values(), *self.annotations.values(), *self.events.values()]))
+        if self.classes:
+            if len(set(self.classes)) != len(self.classes):
+                raise ConfigError(f"labels.classes names a class twice: {self.classes}", key="labels.classes")
+            missing = [name for name in named if name not in self.classes]
+            if missing:
+                raise ConfigError(f"labels: class {missing[0]!r} is not in labels.classes {self.classes}", key="labels.classes")
+
+
+@dataclass
 class VideoConfig:
     height: int = option(64, "frame height of the clips (pixels)", bound=">= 1")
     width: int = option(64, "frame width of the clips (pixels)", bound=">= 1")
@@ -405,12 +437,19 @@ class PrepareConfig:
     shards: ShardsConfig
     tokenizer: TokenizerConfig = option(help="text tokenizer", factory=TokenizerConfig)
     meg: MegConfig = option(help="MEG/EEG preprocessing (source.kind meg)", factory=MegConfig)
+    labels: LabelsConfig = option(help="class labels of the windows, for classifiers (source.kind meg); empty: none",
+                                  factory=LabelsConfig)
     video: VideoConfig = option(help="video decoding and clipping (source.kind video)", factory=VideoConfig)
     token_ids: TokenIdsConfig = option(help="integer token data (source.kind tokens)", factory=TokenIdsConfig)
     timeseries: TimeseriesConfig = option(help="tables of time series -> forecasting windows (source.kind timeseries)",
                                           factory=TimeseriesConfig)
     ray: RayConfig = option(help="Ray runtime", factory=RayConfig)
     launch: LaunchConfig = option(help="cluster jobs: tokfleet submit slurm|ray|local", factory=LaunchConfig)
+
+    def __post_init__(self):
+        labels = self.labels
+        if (labels.files or labels.annotations or labels.events) and self.source.kind != "meg":
+            raise ConfigError(f"labels: class labels are read for source.kind meg, not {self.source.kind}", key="labels")
 
 
 # ---------------------------------------------------------- pretokenize config

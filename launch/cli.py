@@ -127,17 +127,22 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from trainer.causal_eval import checkpoint_task, evaluate_causal, format_causal_report
+    from trainer.classification import evaluate_classifier, format_classification_report
     from trainer.engines.single import pick_device
     from trainer.signal_eval import evaluate_signal, format_signal_report, is_signal_model
     from trainer.tokenizer_runner import evaluate, format_report
 
     with exit_on_user_error(args.debug):
         name, task = checkpoint_task(args.checkpoint)
-        # a sequence model, a continuous-signal model (forecast / reconstruction), else a tokenizer
-        run, formatter = ((evaluate_causal, format_causal_report) if task == "causal_lm" else
-                          (evaluate_signal, format_signal_report) if is_signal_model(name) else (evaluate, format_report))
-        report = run(args.checkpoint, args.data, split=args.split, num_batches=args.num_batches,
-                     batch_size=args.batch_size, device=pick_device(args.device))
+        common = dict(split=args.split, num_batches=args.num_batches, batch_size=args.batch_size, device=pick_device(args.device))
+        if task == "classification":  # the confusion matrix PNG beside the JSON report, else in the run's plots/
+            report = evaluate_classifier(args.checkpoint, args.data, **common, plot=Path(args.out).with_suffix(".png") if args.out else None)
+            formatter = format_classification_report
+        else:
+            # a sequence model, a continuous-signal model (forecast / reconstruction), else a tokenizer
+            run, formatter = ((evaluate_causal, format_causal_report) if task == "causal_lm" else
+                              (evaluate_signal, format_signal_report) if is_signal_model(name) else (evaluate, format_report))
+            report = run(args.checkpoint, args.data, **common)
     print(formatter(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
@@ -296,6 +301,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     for name, field in manifest.fields.items():
         if "dtype" in field:  # None: a size that varies between samples (e.g. MEG channels)
             print(f"  field {name}: {field['dtype']} ({', '.join('*' if n is None else str(n) for n in field['shape'])})")
+    counts = manifest.stats.get("label_counts")
+    if counts:  # a labelled dataset (sharding/labels.py): windows per class and split
+        print("  classes: " + ", ".join(f"{name} ({' / '.join(f'{counts[s].get(name, 0)} {s}' for s in counts)})"
+                                        for name in manifest.fields["label.npy"]["classes"]))
     print(f"  skipped inputs: {len(manifest.skipped)}")
     for entry in manifest.skipped[:10]:
         print(f"    {entry.path}: {entry.reason}")
@@ -524,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_arguments(pretokenize, "pretokenize", strict_help="a missing or changed raw shard is an error, not skipped")
     pretokenize.set_defaults(func=cmd_pretokenize)
 
-    evaluation = sub.add_parser("eval", help="a causal model's next-token metrics, a tokenizer's codebook and reconstruction quality, "
-                                "or a signal model's forecast / reconstruction metrics",
+    evaluation = sub.add_parser("eval", help="a causal model's next-token metrics, a classifier's accuracy and confusion matrix, "
+                                "a tokenizer's codebook and reconstruction quality, or a signal model's forecast / reconstruction metrics",
                                 description="A causal sequence model (gpt, FlatGPT*, BrainOmniCausalForecast): mean cross-entropy "
                                             "(nats), perplexity, next-token and top-5 accuracy, overall and per RVQ level, next to "
                                             "the unigram baseline of the same targets, on the first batches of a split of token "
@@ -533,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "codebook utilisation, perplexity, token entropy (bits), normalised reconstruction MSE "
                                             "and scale error on a raw dataset, against the seed's TOTEM goals. A continuous-signal "
                                             "model (BENDRForecast, NTD, MEGFactorizedAutoencoder): MSE, correlation and PSD distance "
-                                            "(dB) of its forecast / reconstruction of raw windows, next to a naive baseline. Printed as a table, "
+                                            "(dB) of its forecast / reconstruction of raw windows, next to a naive baseline. A classifier: accuracy, "
+                                            "balanced accuracy and the confusion matrix on labelled windows (also as a PNG: beside "
+                                            "--out, else in the run's plots/). Printed as a table, "
                                             "written as JSON with --out.")
     evaluation.add_argument("checkpoint", help="checkpoint folder, run dir (its newest complete checkpoint) or RUN_DIR/checkpoints/best")
     evaluation.add_argument("--data", required=True, help="dataset root: token shards of the model's kind, grid and vocabulary "

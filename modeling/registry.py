@@ -46,6 +46,7 @@ _MODEL_MODULES = {
     "BENDRForecast": "modeling.brain.bendr",
     "NTD": "modeling.brain.ntd",
     "MEGFactorizedAutoencoder": "modeling.brain.factorized",
+    **dict.fromkeys(("ClassifierContinuous", "ClassifierQuantized", "ClassifierQuantizedImage"), "modeling.brain.classifiers"),
 }
 
 _REGISTRY: dict[str, "ModelSpec"] = {}

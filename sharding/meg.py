@@ -18,6 +18,8 @@ Each window is one sample, keyed `{stem}-{hash8}-{window:06d}` (source file + wi
                                      coordinates when the recording has a device->head transform
     sensor_type.npy  int64   (C,)    index into SENSOR_TYPES (0 mag, 1 grad, 2 eeg, ...)
     meta.json        {"source", "window", "start_s", "sfreq", "ch_names"}
+    label.npy        int64   ()      with a `labels` config only: the window's class index (sharding.labels);
+                                     a window without a label is left out
 
 C varies between recordings (channel sets, bad channels); T = window_s * sfreq is fixed.
 """
@@ -101,8 +103,9 @@ def check_edf_size(path: str) -> None:
         raise SkipInput(f"truncated: {actual} bytes, the header promises {expected} ({num_records} records)")
 
 
-def read_raw(path: str, cfg: MegConfig) -> Any:
-    """The picked channels of the recording at `path`, loaded; SkipInput when unreadable or none are left."""
+def read_raw(path: str, cfg: MegConfig, labels: dict[str, Any] | None = None) -> Any:
+    """The picked channels of the recording at `path`, loaded; SkipInput when unreadable or none are left.
+    With labels from stim channel events (sharding.labels), the events become annotations before the pick."""
     import mne
 
     if path.lower().endswith((".edf", ".bdf")):
@@ -117,6 +120,10 @@ def read_raw(path: str, cfg: MegConfig) -> Any:
     bads = set(raw.info["bads"]) if cfg.exclude_bads else set()
     if all(name in bads for name, kind in zip(raw.ch_names, raw.get_channel_types()) if kind in cfg.channel_types):
         raise SkipInput(f"no usable channels: every channel of types {cfg.channel_types} is marked bad")
+    if labels is not None and labels.get("events"):
+        from sharding.labels import add_event_annotations
+
+        add_event_annotations(raw, labels["stim_channel"])
     raw.pick(cfg.channel_types, exclude="bads" if cfg.exclude_bads else [], verbose="error")
     try:
         raw.load_data(verbose="error")
@@ -180,9 +187,10 @@ def sensor_metadata(info: Any) -> tuple[np.ndarray, np.ndarray]:
     return pos, sensor_type
 
 
-def read_samples(source: str, path: str, cfg: MegConfig) -> Iterator[dict[str, Any]]:
-    """The window samples of the recording at local `path` (read from `source`); SkipInput when it gives none."""
-    raw = read_raw(path, cfg)
+def read_samples(source: str, path: str, cfg: MegConfig, labels: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """The window samples of the recording at local `path` (read from `source`); SkipInput when it gives none.
+    `labels`: sharding.labels.plan_labels's plan, which labels each window."""
+    raw = read_raw(path, cfg, labels)
     preprocess(raw, cfg)
     x_CN = raw.get_data()  # float64, SI units
     center, scale = normalization_stats(x_CN, cfg.normalization)
@@ -201,10 +209,20 @@ def read_samples(source: str, path: str, cfg: MegConfig) -> Iterator[dict[str, A
     if count == 0:
         raise SkipInput(f"shorter than one window: {x_CN.shape[1] / cfg.sfreq:.2f} s < meg.window_s={cfg.window_s:g} s")
     center_f32, scale_f32 = center.astype(np.float32), scale.astype(np.float32)
+    label_of = None
+    if labels is not None:
+        from sharding.labels import window_labeller
+
+        label_of = window_labeller(labels, source, raw)
+        if all(label_of(i * stride, i * stride + window) is None for i in range(count)):
+            raise SkipInput(f"no labelled windows: none of its {count} windows holds a mapped annotation or event")
     for index in range(count):
         start = index * stride
+        label = None if label_of is None else label_of(start, start + window)
+        if label_of is not None and label is None:
+            continue
         x_CT = x_CN[:, start:start + window]
-        yield {
+        sample = {
             "__key__": source_sample_key(source, index),
             "signal.npy": ((x_CT - center[:, None]) / scale[:, None]).astype(np.float32),
             "norm_center.npy": center_f32,
@@ -214,6 +232,9 @@ def read_samples(source: str, path: str, cfg: MegConfig) -> Iterator[dict[str, A
             "meta.json": {"source": source, "window": index, "start_s": start / cfg.sfreq, "sfreq": float(cfg.sfreq),
                           "ch_names": ch_names},
         }
+        if label is not None:
+            sample["label.npy"] = np.array(label, dtype=np.int64)
+        yield sample
 
 
 def denormalize(sample: dict[str, Any]) -> np.ndarray:

@@ -45,6 +45,7 @@ from sharding.shard_build import (
     sidecar_name,
     val_group_indexes,
 )
+from sharding.labels import LABEL_FIELD, label_counts, plan_labels, shard_plan, split_counts
 from sharding.shards import shard_name, write_shard
 from sharding.text_corpus import Document, corpus_fingerprint, list_files
 
@@ -87,6 +88,7 @@ class SignalShardSpec:
     kind: str
     options: dict[str, Any]
     documents: list[dict[str, Any]]  # Document fields
+    labels: dict[str, Any] | None = None  # sharding.labels.plan_labels (MEG windows with class labels)
 
 
 def fields_of(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -127,7 +129,8 @@ def build_signal_shard(fields: dict[str, Any], storage_options: dict[str, Any] |
         source = path = document["source"]
         try:
             with storage.local_file(source, source_options) as path:
-                file_samples = list(reader.read_samples(source, path, options))
+                extra = {} if spec.labels is None else {"labels": spec.labels}
+                file_samples = list(reader.read_samples(source, path, options, **extra))
         except SkipInput as reason:  # a remote input was read from a temporary copy: its reason names the source
             skipped.append(asdict(SkippedInput(source, str(reason).replace(path, source))))
             continue
@@ -145,6 +148,7 @@ def build_signal_shard(fields: dict[str, Any], storage_options: dict[str, Any] |
         skipped=skipped,
         fields=fields_of(samples),
         seconds=round(time.perf_counter() - start, 3),
+        **({} if spec.labels is None else {"label_counts": label_counts(samples)}),
     )
     storage.write_text_atomic(spec.sidecar_url, json.dumps(sidecar, separators=(",", ":")), storage_options)
     return sidecar
@@ -163,7 +167,7 @@ def _library_versions(kind: str) -> dict[str, str]:
     return versions
 
 
-def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]]) -> list[SignalShardSpec]:
+def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]], labels: dict[str, Any] | None = None) -> list[SignalShardSpec]:
     shards_cfg, kind = cfg.shards, cfg.source.kind
     options = asdict(reader_options(cfg))
     libraries = _library_versions(kind)
@@ -180,6 +184,9 @@ def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]]) -> list[Signa
             "options": options,
             "documents": corpus_fingerprint(group),
         }
+        group_labels = shard_plan(labels, [document.source for document in group])
+        if group_labels is not None:  # (unlabelled datasets keep their build ids)
+            identity["labels"] = group_labels
         specs.append(SignalShardSpec(
             index=index,
             shard=name,
@@ -189,6 +196,7 @@ def _shard_specs(cfg: PrepareConfig, groups: list[list[Document]]) -> list[Signa
             kind=kind,
             options=options,
             documents=[asdict(document) for document in group],
+            labels=group_labels,
         ))
     return specs
 
@@ -216,6 +224,7 @@ def prepare_signals(cfg: PrepareConfig, progress: bool = True, strict: bool = Fa
     reader.check_options(reader_options(cfg))
 
     files = list_files(cfg.source)
+    labels = plan_labels(cfg.labels, [f.source for f in files], cfg.source.storage_options)  # before anything is written
     groups = group_documents(files, shards_cfg.source_bytes_per_shard)
     val_groups = val_group_indexes(len(groups), shards_cfg.val_fraction)
     if shards_cfg.val_fraction > 0 and not val_groups:
@@ -223,12 +232,12 @@ def prepare_signals(cfg: PrepareConfig, progress: bool = True, strict: bool = Fa
     log.info("%d %s files, %.1f MB, in %d groups", len(files), kind, sum(f.num_bytes for f in files) / 1e6, len(groups))
 
     claim_output(output, storage_options, created_by(cfg, PROGRAM), overwrite)
-    specs = _shard_specs(cfg, groups)
+    specs = _shard_specs(cfg, groups, labels)
     build = functools.partial(build_signal_shard, storage_options=storage_options, source_options=cfg.source.storage_options)
     sidecars, built, build_seconds = build_missing_shards(specs, lambda _: build, cfg.ray, output=output, name=shards_cfg.name,
                                                           storage_options=storage_options, progress=progress, desc=f"prepare {kind}")
 
-    manifest = _assemble_manifest(cfg, reader, files, specs, sidecars, val_groups)
+    manifest = _assemble_manifest(cfg, reader, files, specs, sidecars, val_groups, labels)
     if manifest.num_samples("train") == 0 and not (strict and manifest.skipped):
         first = f": {manifest.skipped[0].path}: {manifest.skipped[0].reason}" if manifest.skipped else ""
         raise UserError(f"source.paths: no {reader.SAMPLE_UNIT} for the train split from {len(files)} files "
@@ -245,6 +254,7 @@ def _assemble_manifest(
     specs: list[SignalShardSpec],
     sidecars: dict[int, dict[str, Any]],
     val_groups: set[int],
+    labels: dict[str, Any] | None = None,
 ) -> Manifest:
     options = reader_options(cfg)
     shards, skipped = [], []
@@ -266,6 +276,10 @@ def _assemble_manifest(
         "num_samples": num_samples,
         "num_bytes": sum(s.num_bytes for s in shards),
     }
+    if labels is not None:
+        fields.setdefault(LABEL_FIELD, {"dtype": "int64", "shape": []})["classes"] = labels["classes"]
+        stats["label_counts"] = split_counts(labels["classes"], [(shard.split, sidecars[spec.index].get("label_counts"))
+                                                                 for shard, spec in zip(shards, specs)])
     return Manifest(
         format_version=FORMAT_VERSION,
         name=cfg.shards.name,

@@ -50,6 +50,7 @@ from sharding.shard_build import (
     finish_manifest,
     sidecar_name,
 )
+from sharding.labels import LABEL_FIELD, label_counts, split_counts
 from sharding.shards import decode_sample, shard_name, split_samples, write_shard
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class ShardTokenizer:
                     token_sample.update((f"{name}.npy", value) for name, value in tokens.items())
                     for copied in COPIED_FIELDS[kind]:
                         token_sample[copied] = sample[copied.rsplit(".", 1)[0]]
+                    if "label" in sample:  # a labelled window's class, for the quantized classifiers
+                        token_sample[LABEL_FIELD] = sample["label"]
                     token_samples.append(token_sample)
             used.append(raw)
         written = write_shard(spec.url, token_samples, self.output_options)
@@ -133,6 +136,7 @@ class ShardTokenizer:
             num_tokens=int(sum(s["tokens.npy"].size for s in token_samples)),
             skipped=skipped,
             fields=fields_of(token_samples),
+            label_counts=label_counts(token_samples),
             seconds=round(time.perf_counter() - start, 3),
             # this thread's CPU: all the tokenizer's with one torch thread (actors.num_cpus 1); with seconds, how
             # much of the wall time this shard had a core (a shared or oversubscribed node shows here)
@@ -264,6 +268,10 @@ def _assemble_manifest(cfg: PretokenizeConfig, raw: Manifest, info: Any, specs: 
         fields["tokens.npy"]["axes"] = list(info.token_axes)  # sharding.token_grid reads the grid through them
     num_samples = {split: sum(s.num_samples for s in shards if s.split == split) for split in ("train", "val")}
     num_tokens = sum(sidecar["num_tokens"] for sidecar in sidecars.values())
+    stats = {}
+    classes = fields.get(LABEL_FIELD, {}).get("classes")  # the raw dataset's, copied with its notes above
+    if classes:
+        stats["label_counts"] = split_counts(classes, [(spec.split, sidecars[spec.index].get("label_counts")) for spec in specs])
     token_shape = fields.get("tokens.npy", {}).get("shape", [])
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -278,6 +286,6 @@ def _assemble_manifest(cfg: PretokenizeConfig, raw: Manifest, info: Any, specs: 
                  "num_raw_shards": sum(len(spec.raw_shards) for spec in specs)},
         skipped=sorted(skipped, key=lambda entry: entry.path),
         stats={"num_files": len({s for shard in shards for s in shard.sources}), "num_samples": num_samples,
-               "num_tokens": num_tokens, "num_bytes": sum(s.num_bytes for s in shards)},
+               "num_tokens": num_tokens, "num_bytes": sum(s.num_bytes for s in shards), **stats},
         created_by=_made_by(cfg),
     )

@@ -349,6 +349,9 @@ def created_by(cfg: Any, program: str, how_it_ran: tuple[str, ...] = ("ray", "la
     config = asdict(cfg)
     for name in how_it_ran:
         config.pop(name, None)
+    labels = config.get("labels")
+    if isinstance(labels, dict) and not (labels.get("files") or labels.get("annotations")):
+        config.pop("labels")  # none: a dataset made before labels existed keeps its identity (claim_output)
     for section in config.values():
         if isinstance(section, dict):
             section.pop("storage_options", None)

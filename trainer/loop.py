@@ -19,6 +19,7 @@ from core.errors import UserError
 from core.redact import public_dict
 from modeling.registry import build_model, get_model_spec, model_config
 from trainer.best_checkpoint import BestCheckpoint
+from trainer.classification import ClassificationTask, resolve_classifier_args
 from trainer.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
 from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, split_has_samples
 from trainer import distributed
@@ -50,6 +51,8 @@ def grid_source(cfg: TrainConfig, manifest) -> GridSource | None:
         task = get_model_spec(cfg.model.name).task
     except ValueError as error:
         raise UserError(f"model.name: {error}") from None
+    if task == "classification":  # classifiers read token windows whole (trainer.classification)
+        return None
     if TokenGrid.from_manifest(manifest, cfg.data.dataset) is not None or (manifest.kind in RAW_KINDS and task == "causal_lm"):
         return GridSource(manifest, cfg.model.args, cfg.data.dataset)
     return None
@@ -64,6 +67,8 @@ def resolve_model_args(cfg: TrainConfig, manifest, source: GridSource | None = N
         spec = get_model_spec(cfg.model.name)
     except ValueError as error:
         raise UserError(f"model.name: {error}") from None
+    if spec.task == "classification":
+        return resolve_classifier_args(cfg.model.name, cfg.model.flavor, args, manifest, cfg.data.dataset)
     fields = {field.name for field in dataclasses.fields(spec.config_cls)}
     # a time-series model takes its window sizes (context_length, input_size, ...) from the data
     args = series_model_args(cfg.model.name, spec.task, fields, args, manifest, cfg.data.dataset)
@@ -146,6 +151,9 @@ class Trainer:
         if self.grid_source is not None:
             grid_task = GridTask(model, cfg.model.name, self.grid_source, self.device)
             self.to_batch, self.count_positions = grid_task, lambda fields, batch: grid_task.num_positions(batch)
+        elif self.spec.task == "classification":
+            classification = ClassificationTask(cfg.model.name, self.manifest, cfg.data.dataset)
+            self.to_batch, self.count_positions = classification, lambda fields, batch: classification.num_positions(batch)
         else:
             self.to_batch, self.count_positions = TASK_BATCHES[self.spec.task], lambda fields, batch: num_tokens(fields)
         self.flops_per_token = model.num_flops_per_token()  # before ZeRO-3 partitions the parameters
@@ -179,6 +187,7 @@ class Trainer:
             raise UserError(f"data.val_split '{cfg.data.val_split}': {cfg.data.dataset} has no '{cfg.data.val_split}' samples "
                             "(set data.val_split: '' to train without validation)")
         self.has_val = bool(cfg.data.val_split)
+        self.val_accuracy: float | None = None  # a classifier's, at the last evaluation
         self.step, self.tokens_seen, self.samples_seen = 0, 0, 0
         # this rank's step losses since the last metrics record: a checkpoint keeps them, so a resumed
         # run logs the same mean at the next logging step as the uninterrupted run
@@ -311,7 +320,12 @@ class Trainer:
         batches = batches[:distributed.all_reduce_min(len(batches))]
         if not batches:
             return None
-        losses = [self.engine.eval_loss(self.to_batch(b, self.device)) for b in batches]
+        losses, accuracies = [], []
+        for batch in batches:
+            losses.append(self.engine.eval_loss(self.to_batch(batch, self.device)))
+            if self.spec.task == "classification":  # the batch's accuracy, which the classifier reports
+                accuracies.append(self.model.last_report["accuracy"].value)
+        self.val_accuracy = distributed.all_reduce_mean(torch.stack(accuracies).mean()).item() if accuracies else None
         if self.spec.task in RECONSTRUCTION_TASKS and self.grid_source is None:
             self._plot_reconstruction(self.to_batch(batches[0], self.device))
         return distributed.all_reduce_mean(torch.stack(losses).mean()).item()
@@ -421,6 +435,8 @@ class Trainer:
                         val_loss = self.evaluate()
                         if val_loss is not None:
                             record["val_loss"] = val_loss
+                        if self.val_accuracy is not None:
+                            record["val_accuracy"] = self.val_accuracy
                     metrics.log(record)
                     last_record = record
                     if is_eval and self._is_plot_due():  # plots/ follows the run

@@ -21,7 +21,6 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -20,7 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 RESULTS = Path(__file__).parent / "results"
