@@ -209,7 +209,7 @@ def test_elastic_resume(runs, before, after):
 
 
 ENGINE_HELD = """
-import sys, torch
+import gc, sys, torch
 from core.config import TrainConfig, load_config
 from trainer import distributed
 from trainer.loop import Trainer
@@ -218,6 +218,9 @@ trainer = Trainer(load_config(sys.argv[1], TrainConfig), resume="auto")  # at ma
 held = trainer.engine.full_state_dict()  # collective (ZeRO-3 / FSDP gather)
 if trainer.is_main:
     torch.save({"step": trainer.step, "params": held}, sys.argv[2])
+# as trainer/entry.py does: free the engine (and gloo's pending work) before the process group
+del trainer, held
+gc.collect()
 distributed.shutdown()
 """
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from modeling.text.gpt import GPT, KVCache
-from modeling.layers.transformer import RMSNorm, apply_rotary, precompute_rotary
+from modeling.layers.transformer import KVCache, RMSNorm, apply_rotary, precompute_rotary
+from modeling.text.gpt import GPT
 from modeling.registry import build_model, get_model_spec, list_models, model_config
 
 aten = torch.ops.aten

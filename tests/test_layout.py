@@ -74,3 +74,24 @@ def test_model_families_live_in_their_folders():
 
     for name, module in _MODEL_MODULES.items():
         assert module.count(".") == 2, f"{name}: {module} is not in a family folder"
+
+
+# within modeling/: shared layers below the tokenizers, the tokenizers below the forecasters that read
+# their codes; the families of models (text, brain, transformer) do not import each other
+MODELING_ALLOWED = {
+    "layers": {"layers"},
+    "tokenizers": {"layers", "tokenizers"},
+    "text": {"layers", "text"},
+    "transformer": {"layers", "transformer"},
+    "brain": {"layers", "tokenizers", "brain"},
+}
+
+
+def test_model_families_import_only_shared_layers_and_tokenizers():
+    assert {path.name for path in (ROOT / "modeling").iterdir() if path.is_dir() and path.name != "__pycache__"} \
+        == set(MODELING_ALLOWED)
+    wrong = [f"{path.relative_to(ROOT)} imports {name}"
+             for family, allowed in MODELING_ALLOWED.items() for path in sources(f"modeling/{family}")
+             for name in imported_modules(path)
+             if name.startswith("modeling.") and name.split(".")[1] not in {*allowed, "registry", "reports"}]
+    assert not wrong, "\n".join(wrong)

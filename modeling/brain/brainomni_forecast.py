@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modeling.text.gpt import KVCache
+from modeling.layers.transformer import KVCache
 from modeling.layers.transformer import RMSNorm, RotaryEmbedding, apply_rotary, sample_tokens
 from modeling.tokenizers.quantizers import ResidualVectorQuantizer
 from modeling.registry import ModelSpec, build_model, model_config, register_model

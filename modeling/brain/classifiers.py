@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling.registry import ModelSpec, register_model
-from modeling.tokenizers.base import TokenizerModel, check_positive, run_stages
+from modeling.layers.stages import run_stages
+from modeling.tokenizers.base import TokenizerModel, check_positive
 
 
 def _help(text: str) -> dict:

@@ -32,7 +32,8 @@ from modeling.brain.bendr import CausalConv1d, FeatureNorm
 from modeling.brain.signal_metrics import signal_metrics
 from modeling.brain.signal_model import SignalModel, SignalPair
 from modeling.registry import ModelSpec, register_model
-from modeling.tokenizers.base import check_positive, run_stages
+from modeling.layers.stages import run_stages
+from modeling.tokenizers.base import check_positive
 
 LOSS_NAMES = ("mse", "l1", "huber")
 

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modeling.brain.token_model import TokenGridModel, TokenLossFields
 from modeling.brain.brainomni_forecast import RotarySelfAttention
-from modeling.text.gpt import KVCache
+from modeling.layers.transformer import KVCache
 from modeling.layers.transformer import RMSNorm, RotaryEmbedding
 from modeling.registry import ModelSpec, register_model
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from modeling.layers.causal_conv import CausalConv1d, CausalConvTranspose1d
-from modeling.tokenizers.base import run_stages
+from modeling.layers.stages import run_stages
 
 
 class SEANetResnetBlock(nn.Module):

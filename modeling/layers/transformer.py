@@ -1,4 +1,5 @@
-"""Layers shared by the model families: parameter-free RMSNorm and rotary position embeddings.
+"""Layers shared by the model families: parameter-free RMSNorm, rotary position embeddings and the
+preallocated key/value cache of incremental decoding.
 
 Everything here is plain torch and holds no learnable parameters, so a family can use these
 layers without changing its parameter count or its initialisation.
@@ -96,3 +97,47 @@ def sample_tokens(
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for every layer, preallocated.
+
+    k, v: (n_layer, B, K, max_len, Dh). `pos` counts the positions filled; layers write at
+    [pos, pos + T) during a forward and the model advances `pos` once all layers are done.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def insert(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, K, T, Dh) at [pos, pos + T); return this layer's (B, K, pos + T, Dh) views."""
+        end = self.pos + k.size(2)
+        self.k[layer_idx, :, :, self.pos : end] = k
+        self.v[layer_idx, :, :, self.pos : end] = v
+        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.pos += num_tokens
+
+    def reset(self) -> None:
+        self.pos = 0

@@ -8,7 +8,7 @@
   with torch's FlopCounterMode on a meta copy of the model (nothing is allocated), so every conv,
   LSTM and attention is counted without hand-written formulas.
 - `set_gradient_checkpointing(enabled)`, which sets the flag of every encoder and decoder, and
-  `run_stages()`, with which they recompute each stage in the backward pass when it is on.
+  `modeling/layers/stages.run_stages()`, with which they recompute each stage in the backward pass when it is on.
 - `last_metrics`: detached scalars of the latest forward (loss parts, codebook perplexity, ...),
   for `tokfleet eval`; `last_report`: the loss parts for the trainer (modeling/reports.py: means
   weighted by the batch size; the quantisers report their code usage themselves).
@@ -16,11 +16,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from modeling import reports
@@ -98,14 +95,3 @@ class TokenizerModel(nn.Module):
                 meta_model(**inputs)
             self._flops_per_element = round(3 * counter.get_total_flops() / inputs[self.input_name].numel())
         return self._flops_per_element
-
-
-def run_stages(stages: Iterable[nn.Module], x: torch.Tensor, use_gradient_checkpointing: bool) -> torch.Tensor:
-    """x through each stage in turn; with checkpointing on (and gradients enabled) each stage is
-    recomputed in the backward pass instead of keeping its activations. Encoders and decoders hold
-    a `use_gradient_checkpointing` flag, which `set_gradient_checkpointing` sets, and pass
-    `self.use_gradient_checkpointing and self.training` here."""
-    is_checkpointing = use_gradient_checkpointing and torch.is_grad_enabled()
-    for stage in stages:
-        x = checkpoint(stage, x, use_reentrant=False) if is_checkpointing else stage(x)
-    return x

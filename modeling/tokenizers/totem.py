@@ -28,7 +28,8 @@ from torch import nn
 
 from modeling.tokenizers.quantizers import VectorQuantizer, code_histogram, entropy_from_counts
 from modeling.registry import ModelSpec, register_model
-from modeling.tokenizers.base import TokenizerModel, check_positive, run_stages
+from modeling.layers.stages import run_stages
+from modeling.tokenizers.base import TokenizerModel, check_positive
 
 
 @dataclass(frozen=True, kw_only=True)

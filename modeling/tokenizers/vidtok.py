@@ -34,7 +34,8 @@ from modeling.layers.causal_conv import CausalConv1d, CausalConv3d, pad_past
 from modeling.tokenizers.quantizers import FiniteScalarQuantizer, QuantizerOutput, ResidualVectorQuantizer
 from modeling.registry import ModelSpec, register_model
 from modeling.tokenizers.signal_losses import covariance_loss, frequency_domain_losses, pearson_correlation
-from modeling.tokenizers.base import TokenizerModel, check_positive, run_stages
+from modeling.layers.stages import run_stages
+from modeling.tokenizers.base import TokenizerModel, check_positive
 
 NORM_TYPES = ("groupnorm", "layernorm")
 
