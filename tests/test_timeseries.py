@@ -260,6 +260,7 @@ def test_transformer_learns_the_sunspots_and_beats_the_last_value(sunspot_run, c
     assert [r["step"] for r in records] == list(range(1, 31))
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]  # 0.90 -> 0.34 here
     assert records[-1]["mfu"] > 0 and records[-1]["tokens"] == 30 * 16 * 48  # context steps
+    assert records[-1]["attention_kernel"] == "standard"  # the debug flavor's att_type, as the model ran it
     args = read_trainer_state(summary["checkpoint"])["model"]["args"]
     assert (args["input_size"], args["output_size"], args["context_length"], args["pred_length"]) == (1, 1, 48, 12)
 

@@ -431,6 +431,8 @@ class Trainer:
                         "epoch": self.train_batches.epoch, "epochs": self.epochs_seen(), **self.train_batches.num_skipped(),
                         **self.reports.reduce(),
                     }
+                    if getattr(self.model, "attention_kernel", None):  # which kernel an att_type really ran
+                        record["attention_kernel"] = self.model.attention_kernel
                     if is_eval:
                         val_loss = self.evaluate()
                         if val_loss is not None:
