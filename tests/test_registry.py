@@ -109,3 +109,15 @@ def test_registering_a_new_family(monkeypatch):
     register_model(ModelSpec("tiny_test_family", TinyConfig, Tiny, {"debug": {"width": 3}}, task="regression"))
     model = build_model("tiny_test_family", "debug", {"width": "5"})
     assert model.linear.weight.shape == (5, 5) and model.linear.weight.eq(1).all()
+
+
+def test_every_model_counts_its_flops_and_has_three_flavors():
+    """Every registered model: debug / small / full flavors, and training FLOPs per token (or per input
+    value) counted from its layers, so `mfu` is reported for every family."""
+    for name in list_models():
+        spec = get_model_spec(name)
+        assert {"debug", "small", "full"} <= set(spec.flavors), name
+        model = build_model(name, "debug", device="meta")  # counted without weights (or a tokenizer's codebooks)
+        flops = model.num_flops_per_token()
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert flops >= 2 * params * 0.01 and flops > 0, (name, flops, params)

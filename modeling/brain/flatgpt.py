@@ -508,38 +508,48 @@ DEBUG_BACKBONE = dict(trf_class="Qwen2_5_Video", hidden_size=64,
 FULL_BACKBONE = dict(trf_class="Qwen2_5_Video", hidden_size=896,
                      trf_args=dict(num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                                    intermediate_size=4864, rope_theta=1e6))
+# between the two: 4 layers of width 256 (4 heads of 64, so Qwen2.5-VL's mrope sections fit), trains on a CPU
+SMALL_BACKBONE = dict(trf_class="Qwen2_5_Video", hidden_size=256,
+                      trf_args=dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=1024))
 AMPLITUDE = dict(tok_class="AmplitudeTokenizer")  # mu-law, num_bins = vocab_size
 
 FLAVORS = {
     "FlatGPT": (FlatGPT, {
         "debug": dict(**DEBUG_BACKBONE, vocab_size=256, input_shape=[4, 4, 4]),
+        # 16 frames of 64 x 64 through a 4x8x8 tokenizer: a (4, 8, 8) grid, 256 tokens
+        "small": dict(**SMALL_BACKBONE, vocab_size=1024, input_shape=[16, 64, 64], temporal_reduction=4, spatial_reduction=8),
         # video codes: 64 frames of 128 x 128 through a 4x8x8 FSQ tokenizer with a 64000-code
         # vocabulary (Cosmos-DV-like) -> a (16, 16, 16) grid, 4096 tokens
         "full": dict(**FULL_BACKBONE, vocab_size=64000, input_shape=[64, 128, 128], temporal_reduction=4, spatial_reduction=8),
     }),
     "FlatGPTEmbeds": (FlatGPTEmbeds, {
         "debug": dict(**DEBUG_BACKBONE, **AMPLITUDE, vocab_size=256, input_shape=[8, 4, 1]),
+        "small": dict(**SMALL_BACKBONE, **AMPLITUDE, vocab_size=256, input_shape=[16, 32, 1]),  # 512 tokens
         # mu-law amplitude tokens of 68 channels x 64 timesteps: 4352 tokens
         "full": dict(**FULL_BACKBONE, **AMPLITUDE, vocab_size=256, input_shape=[64, 68, 1]),
     }),
     "FlatGPTEmbedsRVQ": (FlatGPTEmbedsRVQ, {
         "debug": dict(**DEBUG_BACKBONE, vocab_size=64, input_shape=[4, 4, 4]),
+        "small": dict(**SMALL_BACKBONE, vocab_size=1024, input_shape=[128, 16, 4], temporal_reduction=8),  # (16, 16, 4)
         # BrainTokMix codes (seed config): 68 channels x 4 RVQ levels of 16384 codes, 1024 samples
         # reduced 16x in time -> (64, 68, 4), 17408 tokens
         "full": dict(**FULL_BACKBONE, vocab_size=16384, input_shape=[1024, 68, 4], temporal_reduction=16),
     }),
     "FlatGPTRVQ": (FlatGPTRVQ, {
         "debug": dict(**DEBUG_BACKBONE, vocab_size=64, input_shape=[4, 4, 4]),
+        "small": dict(**SMALL_BACKBONE, vocab_size=1024, input_shape=[128, 16, 4], temporal_reduction=8),
         # the same codes, one position per (t, channel): 4352 positions of 4 levels
         "full": dict(**FULL_BACKBONE, vocab_size=16384, input_shape=[1024, 68, 4], temporal_reduction=16),
     }),
     "FlatGPTMix": (FlatGPTMix, {
         "debug": dict(**DEBUG_BACKBONE, **AMPLITUDE, vocab_size=256, input_shape=[16, 4, 1]),
+        "small": dict(**SMALL_BACKBONE, **AMPLITUDE, vocab_size=256, input_shape=[256, 16, 1]),  # 16 per channel
         # mu-law amplitude tokens of 32 channels (EEG montage), 4096 timesteps; 896 / 32 = 28 per channel
         "full": dict(**FULL_BACKBONE, **AMPLITUDE, vocab_size=256, input_shape=[4096, 32, 1]),
     }),
     "FlatGPTMixRVQ": (FlatGPTMixRVQ, {
         "debug": dict(**DEBUG_BACKBONE, vocab_size=64, input_shape=[16, 2, 4]),
+        "small": dict(**SMALL_BACKBONE, vocab_size=1024, input_shape=[256, 8, 4], temporal_reduction=4),  # 8 per level
         # BrainTokMix channel-mix codes: 8 latent channels x 4 levels, 1024 samples reduced 4x ->
         # 256 timesteps; 896 / (8 x 4) = 28 per level
         "full": dict(**FULL_BACKBONE, vocab_size=16384, input_shape=[1024, 8, 4], temporal_reduction=4),
