@@ -158,7 +158,7 @@ def test_verification_cost(tmp_path):
 
 
 NUM_WORKERS = (0, 1, 2)  # DataLoader worker processes of the loader comparison
-NUM_LOADER_ROUNDS = 3  # paired rounds of the loader comparison, per place and worker count
+NUM_LOADER_ROUNDS = 5  # paired rounds of the loader comparison, per place and worker count
 
 
 def _identity(sample):
