@@ -94,7 +94,8 @@ class EngineConfig:
         "fp32", "fp32; bf16 (autocast, or bf16 weights with fp32 master copies under DeepSpeed); fp16 with loss scaling (GPU)")
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = option(
         "auto", "accelerate only: auto takes what `accelerate launch --config_file` set, else ddp")
-    peak_flops: float = option(0.0, "peak FLOP/s of one device for MFU; 0 measures an fp32 matmul at start", bound=">= 0")
+    peak_flops: float = option(0.0, "peak FLOP/s of one device for MFU; 0: the datasheet's for a known GPU in the training "
+                                    "precision, else a matmul measured in it (refreshed: MFU never exceeds 1)", bound=">= 0")
     zero_stage: int | None = option(None, "DeepSpeed ZeRO stage 0-3; empty: the deepspeed_config's stage, else 0", bound="[0, 3]")
     offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer states in CPU memory (ZeRO 1-3)")
     offload_params: bool = option(False, "DeepSpeed: keep parameters in CPU memory (ZeRO 3 only)")

@@ -368,6 +368,7 @@ def test_zero3_offload_and_gradient_checkpointing_train_the_same(runs):
         assert got[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
     state = json.loads((runs.root / "offload" / "checkpoints" / f"step-{EPOCH_STEPS:08d}" / "trainer_state.json").read_text())
     assert state["engine_info"]["offload_optimizer"] and state["engine_info"]["offload_params"]
+    assert state["engine_info"]["optimizer"] == "DeepSpeedCPUAdam"  # the two-rank reference runs torch's "AdamW fused"
 
 
 def test_uneven_shares_then_elastic_resume_across_epochs(tmp_path):

@@ -25,7 +25,7 @@ from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, split
 from trainer import distributed
 from trainer.engines import build_engine, engine_device
 from trainer.host_memory import release_freed_memory, shards_parameters
-from trainer.metrics import MetricsLogger, measure_peak_flops, plot_losses, truncate_jsonl
+from trainer.metrics import MetricsLogger, PeakFlops, plot_losses, truncate_jsonl
 from trainer.optim import schedule_span
 from trainer.preemption import PreemptionWatcher
 from trainer.reports import ReportWindow
@@ -382,7 +382,7 @@ class Trainer:
         by the caller (`tokfleet train` installs one before anything loads), else one for this loop."""
         cfg = self.cfg
         is_main = self.is_main
-        peak_flops = cfg.engine.peak_flops or measure_peak_flops(self.device)
+        peak = PeakFlops(self.device, cfg.engine.precision, cfg.engine.peak_flops)
         metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name, public_dict(cfg), is_main)
         accum = cfg.optim.grad_accum_steps
         last_stop = self.stop_at_step if self.stop_at_step is not None else self.max_steps
@@ -427,7 +427,8 @@ class Trainer:
                         "step": self.step, "loss": distributed.all_reduce_mean(torch.stack(self.window_losses).mean()).item(), "lr": lr,
                         "grad_norm": grad_norm.item(), "tokens": self.tokens_seen, "samples": self.samples_seen,
                         "tokens_per_s": tokens_per_s, "world_size": self.engine.world_size,
-                        "mfu": self.flops_per_token * tokens_per_s / (peak_flops * self.engine.world_size),
+                        "mfu": peak.mfu(self.flops_per_token * tokens_per_s / self.engine.world_size),
+                        "peak_flops": peak.value, "peak_source": peak.source,
                         "epoch": self.train_batches.epoch, "epochs": self.epochs_seen(), **self.train_batches.num_skipped(),
                         **self.reports.reduce(),
                     }
@@ -470,5 +471,5 @@ class Trainer:
             "saved_at_stop": last_checkpoint is not None and last_checkpoint.name == step_dir_name(self.step),
             "checkpoint": str(last_checkpoint or self.checkpoints.latest() or ""),
             "last": last_record, "resumed_from": str(self.resumed_from or ""), "num_params": self.num_params,
-            "peak_flops": peak_flops,
+            "peak_flops": peak.value, "peak_source": peak.source,
         }

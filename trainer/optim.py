@@ -1,4 +1,9 @@
-"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine LR schedule."""
+"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine LR schedule.
+
+AdamW runs torch's fused kernel (one pass over all tensors) where torch has one for the
+parameters' device: on this 2-core CPU its step of a 55M-parameter GPT takes ~0.16 s against
+~0.6 s for the foreach and the per-tensor implementations (tests/bench/test_optimizer_bench.py).
+"""
 
 from __future__ import annotations
 
@@ -28,8 +33,25 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # device types with a fused torch.optim.AdamW kernel that tokfleet runs on
+
+
+def adamw_implementation(device: torch.device) -> dict[str, bool]:
+    """torch.optim.AdamW's keyword for the fastest implementation on `device` (see the module docstring);
+    elsewhere torch's default (foreach where it has it)."""
+    return {"fused": True} if device.type in FUSED_ADAMW_DEVICES else {}
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    device = next(model.parameters()).device
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **adamw_implementation(device))
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer's class, and torch's implementation when one was chosen: "AdamW fused", "DeepSpeedCPUAdam"."""
+    defaults = getattr(optimizer, "defaults", {})
+    return type(optimizer).__name__ + (" fused" if defaults.get("fused") else " foreach" if defaults.get("foreach") else "")
 
 
 def lr_factor(step: float, cfg: OptimConfig, max_steps: float) -> float:

@@ -11,6 +11,10 @@ verification on (size + sha256 of every shard, as on its first read in a process
 to plain `webdataset.WebDataset(urls).decode()` and the raw read, in paired rounds (each round
 runs all four, in rotated order) so machine noise hits them alike; ratios are medians over rounds.
 
+`test_loader_vs_webdataset` is the loader's goal (>= 0.9x plain WebDataset's samples/s, verification
+on) checked everywhere the trainer reads: local and S3, in the main process and with 1 / 2 DataLoader
+workers, paired rounds per place and worker count.
+
     make bench     # or: pytest -s tests/bench/test_storage_bench.py
 """
 
@@ -151,3 +155,99 @@ def test_verification_cost(tmp_path):
     (RESULTS / "verification.json").write_text(json.dumps(
         {"dataset": {"num_shards": NUM_SHARDS, "samples_per_shard": SAMPLES_PER_SHARD, "seq_len": SEQ_LEN, "num_bytes": num_bytes},
          "rounds": NUM_ROUNDS, "rows": rows, "ratios": ratios, "seconds": seconds}, indent=1) + "\n")
+
+
+NUM_WORKERS = (0, 1, 2)  # DataLoader worker processes of the loader comparison
+NUM_LOADER_ROUNDS = 5  # paired rounds of the loader comparison, per place and worker count
+
+
+def _identity(sample):
+    return sample  # one sample per item, as the trainer's Batches reads them (batch_size=None)
+
+
+def _open_s3(options):
+    """A webdataset opener for s3:// URLs (webdataset 1.0.2 has none), reading through fsspec/s3fs."""
+    import fsspec
+
+    return lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode, **options).open()
+
+
+def test_loader_vs_webdataset(s3_server, tmp_path):
+    """ShardLoader (sha256 verification on) vs plain `webdataset.WebDataset(urls).decode()` vs a raw
+    read of the same shards, local and on S3, with 0 / 1 / 2 DataLoader workers (goal: loader >= 0.9x
+    WebDataset's samples/s everywhere). Workers are fed as the trainer feeds them: one sample per item
+    (batch_size=None), the loader through ShardIterableDataset as in trainer/data.py's Batches."""
+    import s3fs
+    import webdataset
+    from torch.utils.data import DataLoader
+    from webdataset.gopen import gopen_schemes
+
+    from sharding import storage
+    from sharding.loader import ShardIterableDataset, ShardLoader, forget_verified_shards
+    from sharding.manifest import Manifest
+
+    local = write_token_dataset(tmp_path / "tokens", num_shards=NUM_SHARDS, samples_per_shard=SAMPLES_PER_SHARD,
+                                seq_len=SEQ_LEN, vocab_size=1024)
+    options = s3_server.storage_options()
+    fs = s3fs.S3FileSystem(**options)
+    remote = s3_server.make_bucket("tokfleet-loader-bench") + "/tokens"
+    fs.put(local + "/", remote, recursive=True)
+    gopen_schemes["s3"] = _open_s3(options)
+    manifest = Manifest.read(local)
+    shards = manifest.shards_of("train")
+    num_bytes, num_samples = sum(s.num_bytes for s in shards), NUM_SHARDS * SAMPLES_PER_SHARD
+
+    def raw(root, storage_options):
+        return lambda num_workers: sum(len(storage.read_bytes(storage.join(root, s.name), storage_options)) for s in shards)
+
+    def plain_webdataset(root, storage_options):
+        urls = [storage.join(root, s.name) for s in shards]
+
+        def run(num_workers):
+            dataset = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
+            if num_workers == 0:
+                return sum(1 for _ in dataset)
+            return sum(1 for _ in DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity))
+        return run
+
+    def shard_loader(root, storage_options):
+        common = dict(num_streams=NUM_SHARDS, seed=0, storage_options=storage_options, verify=True)
+
+        def run(num_workers):
+            forget_verified_shards()  # every pass verifies every shard, as a fresh process does
+            if num_workers == 0:
+                return sum(1 for _ in ShardLoader(manifest, root, "train", **common))
+            dataset = ShardIterableDataset(manifest, root, "train", num_workers=num_workers, **common)
+            return sum(1 for _ in DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
+                                             prefetch_factor=16))  # Batches: 2 x the micro-batch
+        return run
+
+    rows = []
+    for place, root, storage_options in (("local", local, None), ("s3 (radosgw)", remote, options)):
+        readers = {"raw read": raw(root, storage_options), "webdataset .decode()": plain_webdataset(root, storage_options),
+                   "loader (verify on)": shard_loader(root, storage_options)}
+        for num_workers in NUM_WORKERS:
+            expected = {name: num_bytes if name == "raw read" else num_samples for name in readers}
+            for name, run in readers.items():  # warm the page cache, the imports, the connections
+                assert run(num_workers) == expected[name], (place, num_workers, name)
+            seconds: dict[str, list[float]] = {name: [] for name in readers}
+            names = list(readers)
+            for round_index in range(NUM_LOADER_ROUNDS):
+                for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+                    start = time.perf_counter()
+                    assert readers[name](num_workers) == expected[name]
+                    seconds[name].append(time.perf_counter() - start)
+            ratio = statistics.median(w / l for l, w in zip(seconds["loader (verify on)"], seconds["webdataset .decode()"]))
+            rows.append({"place": place, "num_workers": num_workers, "loader_over_webdataset": ratio,
+                         **{f"{name} samples/s": num_samples / statistics.median(times) for name, times in seconds.items()},
+                         "raw MB/s": num_bytes / statistics.median(seconds["raw read"]) / 1e6, "seconds": seconds})
+
+    print(f"\n{'place':14s} {'workers':>7s} {'raw MB/s':>9s} {'webdataset/s':>13s} {'loader/s':>9s} {'loader/wds':>11s}")
+    for r in rows:
+        print(f"{r['place']:14s} {r['num_workers']:7d} {r['raw MB/s']:9.1f} {r['webdataset .decode() samples/s']:13.0f} "
+              f"{r['loader (verify on) samples/s']:9.0f} {r['loader_over_webdataset']:11.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "loader_vs_webdataset.json").write_text(json.dumps(
+        {"dataset": {"num_shards": NUM_SHARDS, "samples_per_shard": SAMPLES_PER_SHARD, "seq_len": SEQ_LEN, "num_bytes": num_bytes},
+         "rounds": NUM_LOADER_ROUNDS, "rows": rows}, indent=1) + "\n")
+    assert all(r["loader_over_webdataset"] >= 0.9 for r in rows), "the loader reads < 0.9x plain WebDataset's samples/s somewhere"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
@@ -29,7 +30,7 @@ from torch import nn
 from core.config import EngineConfig, OptimConfig
 from core.errors import UserError
 from trainer.engines import expert_parallel
-from trainer.optim import build_scheduler, param_groups
+from trainer.optim import adamw_implementation, build_scheduler, optimizer_name, param_groups
 
 TAG = "deepspeed"  # the folder DeepSpeed writes its shards to inside our checkpoint folder
 log = logging.getLogger("tokfleet.deepspeed")
@@ -68,12 +69,6 @@ def deepspeed_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig, world_siz
         "gradient_accumulation_steps": optim_cfg.grad_accum_steps,
         "train_batch_size": optim_cfg.micro_batch_size * optim_cfg.grad_accum_steps * world_size,
         "gradient_clipping": optim_cfg.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": optim_cfg.lr, "betas": [optim_cfg.beta1, optim_cfg.beta2], "eps": optim_cfg.eps,
-            "weight_decay": optim_cfg.weight_decay,
-            # DeepSpeed's fused CPU/GPU Adam needs a compiled op; torch's AdamW runs everywhere
-            "torch_adam": True,
-        }},
     })
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
@@ -97,6 +92,10 @@ def deepspeed_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig, world_siz
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     if engine_cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    config["optimizer"] = {"type": "AdamW", "params": {
+        "lr": optim_cfg.lr, "betas": [optim_cfg.beta1, optim_cfg.beta2], "eps": optim_cfg.eps,
+        "weight_decay": optim_cfg.weight_decay, **adam_implementation(zero, device),
+    }}
     if zero.get("offload_param") and zero["stage"] != 3:
         raise UserError(f"parameter offload needs ZeRO stage 3, this run uses stage {zero['stage']}")
     if engine_cfg.precision == "fp16" and device.type != "cuda":
@@ -107,6 +106,47 @@ def deepspeed_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig, world_siz
     elif engine_cfg.precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return config
+
+
+def adam_implementation(zero: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The optimizer params choosing DeepSpeed's AdamW: its CPU Adam (DeepSpeedCPUAdam, vectorised C++)
+    when ZeRO offloads the optimizer states to the host and the op builds, else torch's AdamW (fused
+    where torch has the kernel, see trainer/optim.py). DeepSpeed's GPU FusedAdam is not used: it needs
+    a CUDA op build, and torch's fused AdamW does the same in one kernel."""
+    if zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme"):
+        problem = cpu_adam_problem()
+        if problem is None:
+            return {"torch_adam": False}
+        log.warning("DeepSpeedCPUAdam does not build here (%s): the offloaded optimizer runs torch's AdamW", problem)
+    return {"torch_adam": True, **adamw_implementation(device)}
+
+
+@functools.cache
+def cpu_adam_problem() -> str | None:
+    """Why DeepSpeed's CPU Adam op cannot be loaded here, in one line (None: it loads). The first load
+    on a machine JIT-compiles it with g++ (~2.5 min on 2 cores), later ones reuse
+    ~/.cache/torch_extensions."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+        if builder is None:
+            return f"DeepSpeed's {get_accelerator().device_name()} accelerator has no CPUAdamBuilder"
+        if not builder.is_compatible(verbose=False):
+            return "CPUAdamBuilder is not compatible with this machine"
+        builder.load(verbose=False)
+    except Exception as error:  # a missing compiler, a failed compile, a missing header: all mean "fall back"
+        return _build_failure(error)
+    return None
+
+
+def _build_failure(error: Exception) -> str:
+    """One line out of a failed op build: the error's first line without ninja's command, and the
+    compiler's or shell's complaint ("fatal error: ...", "g++: not found")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    first = lines[0].split(": [", 1)[0]  # "Error building extension 'cpu_adam'", before ninja's "[1/3] g++ ..."
+    cause = next((line for line in lines[1:] if "error" in line.lower() or "not found" in line), None)
+    return f"{first}: {cause}" if cause else first
 
 
 class _MappedModelStates:
@@ -224,6 +264,7 @@ class DeepSpeedEngine:
         return {"zero_stage": self.zero_stage, "precision": "bf16" if "bf16" in self.config else "fp16" if "fp16" in self.config else "fp32",
                 "offload_optimizer": bool(self.config["zero_optimization"].get("offload_optimizer")),
                 "offload_params": bool(self.config["zero_optimization"].get("offload_param")),
+                "optimizer": optimizer_name(self.ds.basic_optimizer),
                 "expert_parallel_size": self.experts.ep_size if self.experts is not None else 1}
 
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
