@@ -7,7 +7,12 @@ EXTRAS ?= dev,s3,distributed,meg,video
 # Ray, SLURM and S3 servers must stay on loopback on these machines: run confined when root.
 CONFINED := $(PY) -m core.netns --
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean ops
+
+# DeepSpeed's CPU Adam (ZeRO optimizer offload) is compiled on first use (~2-3 min here, then cached in
+# ~/.cache/torch_extensions): build it before the tests, outside any test's time limit
+ops: setup
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('CPUAdamBuilder').load(verbose=False)"
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +26,12 @@ setup: $(STAMP)
 demo: setup
 	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(VENV)/bin/tokfleet demo
 
-test: setup
+test: setup ops
 	# SLURM and Ceph radosgw from apt, while the network is there (the suite runs without it)
 	$(PY) tests/system_packages.py
 	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(CONFINED) $(PY) -m pytest -q tests --ignore=tests/bench
 
-bench: setup
+bench: setup ops
 	$(PY) tests/system_packages.py
 	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(CONFINED) $(PY) -m pytest -q -s tests/bench
 
