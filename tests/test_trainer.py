@@ -78,7 +78,9 @@ def test_metrics_and_run_dir(straight_run):
     assert (straight_run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
     state = json.loads((straight_run / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["world_size"] == 1 and state["model"]["args"]["n_layer"] == 2
-    assert state["data"]["rank_states"][0]["loader"]["positions"]
+    assert state["rank_states"]["num_ranks"] == 1 and "rng" not in state  # each rank's state is in ranks/
+    own = json.loads((straight_run / "checkpoints" / "step-00000006" / "ranks" / "state-rank00000.json").read_text())
+    assert own["step"] == STEPS and own["data"]["loader"]["positions"]
 
 
 def test_resume_is_exact(tmp_path, text_dataset, straight_run):
