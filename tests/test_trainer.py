@@ -95,6 +95,12 @@ def test_resume_is_exact(tmp_path, text_dataset, straight_run):
     assert len(set(consumed_keys(run_dir))) == STEPS * 4
 
 
+def test_resume_with_another_num_streams_is_one_line(tmp_path, text_dataset, straight_run):
+    config = write_config(tmp_path, text_dataset, "other", data={"num_streams": 4})
+    result = train(config, "--resume", str(straight_run / "checkpoints" / "latest"), check=False)
+    assert result.returncode == 2 and "written with data.num_streams 8, this run has 4" in result.stderr.strip().splitlines()[-1]
+
+
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
     from trainer.engines import single

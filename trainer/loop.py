@@ -295,8 +295,11 @@ class Trainer:
         # this rank's own stream positions when nothing changed; a re-split of the streams it now owns when
         # the world size or data.num_workers did (elastic resume)
         batches = self.train_batches
-        resume = read_rank_resume(directory, state, self.engine.rank, self.engine.world_size, batches.readers_per_rank, batches.streams)
+        if saved_num_streams(state) != batches.num_streams:
+            raise UserError(f"checkpoint {directory} was written with data.num_streams {saved_num_streams(state)}, this run has "
+                            f"{batches.num_streams}: the streams are fixed for a run (leave data.num_streams unset to take the checkpoint's)")
         try:
+            resume = read_rank_resume(directory, state, self.engine.rank, self.engine.world_size, batches.readers_per_rank, batches.streams)
             batches.load_state_dict(resume.data)
         except ValueError as error:
             raise UserError(f"checkpoint {directory}: its data position does not apply to this run: {error}") from None
