@@ -146,6 +146,8 @@ def test_too_few_streams_for_ranks_x_workers_is_one_line():
     assert str(error.value) == ("data.num_streams 64 < 16 ranks x 8 data readers per rank (data.num_workers 8) = 128: "
                                 "set data.num_streams >= 128 (the train split has 100 shards: write more, smaller shards) "
                                 "or use fewer ranks / data.num_workers")
+    with pytest.raises(UserError, match=r"^data.num_streams unset: 100 \(one per train shard\) < 32 ranks x 4 .* = 128: "):
+        resolve_num_streams(DataConfig(dataset="d"), manifest, world_size=32, num_workers=4)
     assert resolve_num_streams(DataConfig(dataset="d"), manifest, world_size=4, num_workers=8) == 100
     assert resolve_num_streams(DataConfig(dataset="d"), manifest, world_size=1, num_workers=0) == 64
 

@@ -53,8 +53,7 @@ def resolve_num_streams(cfg: DataConfig, manifest: Manifest, world_size: int, nu
     num_shards = len(manifest.shards_of(cfg.train_split))
     num_streams = cfg.num_streams or default_num_streams(num_shards, num_readers)
     if is_checked and num_streams < num_readers:
-        origin = f"data.num_streams {num_streams}" if cfg.num_streams else \
-            f"data.num_streams (unset: one per shard) {num_streams}, the train split's shards,"
+        origin = f"data.num_streams {num_streams}" if cfg.num_streams else f"data.num_streams unset: {num_streams} (one per train shard)"
         raise UserError(f"{origin} < {world_size} ranks x {readers_per_rank} data readers per rank (data.num_workers {num_workers}) = "
                         f"{num_readers}: set data.num_streams >= {num_readers}"
                         + (f" (the train split has {num_shards} shards: write more, smaller shards)" if num_shards < num_readers else "")
