@@ -318,6 +318,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def _inspect_checkpoint(path: str) -> None:
     from trainer.checkpoint import read_trainer_state, verify_checkpoint
     from trainer.inference import resolve_checkpoint
+    from trainer.resume_state import parts_problems
 
     directory = resolve_checkpoint(path, verify=False)  # its problems are listed below
     state = read_trainer_state(directory)
@@ -334,9 +335,9 @@ def _inspect_checkpoint(path: str) -> None:
         source = state["exported_from"]
         print(f"  exported from {source['checkpoint']} ({source['engine']}, {source['world_size']} rank(s))")
     if "data" in state:
-        print(f"  data position: {_data_position(state)}")
+        print(f"  data position: {_data_position(directory, state)}")
     print(f"  size {size / 1e6:.1f} MB in {sum(1 for p in directory.rglob('*') if p.is_file())} files")
-    problems = verify_checkpoint(directory)
+    problems = verify_checkpoint(directory) + parts_problems(directory, state)
     try:
         best = _best_checkpoint(directory)
     except UserError as error:  # the run's best pointer names no complete checkpoint
@@ -365,14 +366,18 @@ def _best_checkpoint(directory: Path) -> str | None:
     return f"{best.name} ({record['metric']} {record['value']:.6g}, {record['mode']})"
 
 
-def _data_position(state: dict) -> str:
-    """Epoch and samples read of it, from the per-rank stream positions (needs the dataset)."""
+def _data_position(directory: Path, state: dict) -> str:
+    """Epoch and samples read of it, from every rank's stream positions (needs the dataset)."""
     from core.config import DataConfig
     from core.schema import from_dict
     from sharding.loader import ShardLoader, merge_states
     from sharding.manifest import Manifest
+    from trainer.resume_state import all_loader_states
 
-    merged = merge_states(s["loader"] for s in state["data"]["rank_states"])
+    try:
+        merged = merge_states(all_loader_states(directory, state))
+    except UserError as error:  # a part is missing: verification below lists it
+        return f"unknown ({error})"
     text = f"epoch {merged['epoch']}, {len(merged['positions'])} streams over {state['world_size']} rank(s)"
     try:
         data_cfg = from_dict(DataConfig, state["config"]["data"])

@@ -76,8 +76,31 @@ def _rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng([value % (1 << 63) for value in entropy])
 
 
+STREAMS_PER_READER = 64  # the default's cap: a reader interleaves its streams, holding one shard of each in memory
+
+
+def default_num_streams(num_shards: int, num_readers: int) -> int:
+    """One stream per shard, at most STREAMS_PER_READER per reader: every reader's share of an epoch is then
+    within one shard of the others' (each stream holds one shard, or the readers divide the streams), and
+    a reader holds at most STREAMS_PER_READER shards in memory."""
+    return max(1, min(num_shards, STREAMS_PER_READER * num_readers))
+
+
 def streams_of_reader(num_streams: int, reader: int, num_readers: int) -> list[int]:
-    return [stream for stream in range(num_streams) if stream % num_readers == reader]
+    return list(range(reader, num_streams, num_readers))
+
+
+def streams_of_rank(num_streams: int, rank: int, world_size: int, readers_per_rank: int) -> list[int]:
+    """The streams the `readers_per_rank` readers (data workers) of `rank` own, sorted."""
+    num_readers = world_size * readers_per_rank
+    return sorted(stream for reader in range(rank * readers_per_rank, (rank + 1) * readers_per_rank)
+                  for stream in streams_of_reader(num_streams, reader, num_readers))
+
+
+def ranks_holding(streams: Iterable[int], world_size: int, readers_per_rank: int) -> list[int]:
+    """The ranks of a `world_size` x `readers_per_rank` layout whose readers own `streams`, sorted."""
+    num_readers = world_size * readers_per_rank
+    return sorted({(stream % num_readers) // readers_per_rank for stream in streams})
 
 
 def _checked_header(state: dict[str, Any], num_streams: int, seed: int) -> None:
@@ -154,6 +177,14 @@ def _state_with_later(epoch: int, seed: int, num_streams: int, positions: dict[i
     for stream, (later_epoch, position) in later.items():
         positions[stream], epochs[stream] = list(position), later_epoch
     return _state(epoch, seed, num_streams, positions, epochs)
+
+
+def select_streams(state: dict[str, Any], streams: Iterable[int]) -> dict[str, Any]:
+    """`state` (a merge_states() of several readers' states) cut down to `streams`: its epoch the earliest of
+    theirs, without skip counts (they belong to the readers that wrote them)."""
+    positions, epochs = _own_positions(state, sorted(set(streams))), stream_epochs(state)
+    kept = {stream: epochs[stream] for stream in positions}
+    return _state(min(kept.values(), default=int(state["epoch"])), state["seed"], state["num_streams"], positions, kept)
 
 
 def merge_states(states: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -402,10 +433,7 @@ class LoaderState:
     def __init__(self, num_streams: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 1):
         self.num_streams = num_streams
         self.seed = seed
-        num_readers = world_size * num_workers
-        self.streams = sorted(
-            stream for worker in range(num_workers) for stream in streams_of_reader(num_streams, rank * num_workers + worker, num_readers)
-        )
+        self.streams = streams_of_rank(num_streams, rank, world_size, num_workers)
         self.later: dict[int, tuple[int, list[int]]] = {}  # loaded streams already in a later epoch: (epoch, position)
         self.set_epoch(0)
 

@@ -78,7 +78,9 @@ def test_metrics_and_run_dir(straight_run):
     assert (straight_run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
     state = json.loads((straight_run / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["world_size"] == 1 and state["model"]["args"]["n_layer"] == 2
-    assert state["data"]["rank_states"][0]["loader"]["positions"]
+    assert state["rank_states"]["num_ranks"] == 1 and "rng" not in state  # each rank's state is in ranks/
+    own = json.loads((straight_run / "checkpoints" / "step-00000006" / "ranks" / "state-rank00000.json").read_text())
+    assert own["step"] == STEPS and own["data"]["loader"]["positions"]
 
 
 def test_resume_is_exact(tmp_path, text_dataset, straight_run):
@@ -91,6 +93,40 @@ def test_resume_is_exact(tmp_path, text_dataset, straight_run):
     assert losses(run_dir) == losses(straight_run)
     assert consumed_keys(run_dir) == consumed_keys(straight_run)
     assert len(set(consumed_keys(run_dir))) == STEPS * 4
+
+
+def to_single_file_format(checkpoint: Path) -> None:
+    """Rewrite a checkpoint as tokfleet wrote them before the per-rank files: every rank's loader state,
+    RNG and step losses inside trainer_state.json (its COMPLETE marker updated to match)."""
+    import shutil
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    ranks = range(state.pop("rank_states")["num_ranks"])
+    parts = [json.loads((checkpoint / "ranks" / f"state-rank{r:05d}.json").read_text()) for r in ranks]
+    state["data"] = {**state["data"], "rank_states": [part["data"] for part in parts]}
+    state["rng"] = [json.loads((checkpoint / "ranks" / f"rng-rank{r:05d}.json").read_text())["rng"] for r in ranks]
+    state["loss_window"] = [part["loss_window"] for part in parts]
+    shutil.rmtree(checkpoint / "ranks")
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    marker = json.loads((checkpoint / "COMPLETE").read_text())
+    marker["files"] = {name: size for name, size in marker["files"].items() if not name.startswith("ranks/")}
+    marker["files"]["trainer_state.json"] = (checkpoint / "trainer_state.json").stat().st_size
+    (checkpoint / "COMPLETE").write_text(json.dumps(marker))
+
+
+def test_a_checkpoint_of_the_single_file_format_resumes_exactly(tmp_path, text_dataset, straight_run):
+    config = write_config(tmp_path, text_dataset, "single")
+    train(config, "--stop-at-step", "3")
+    to_single_file_format(tmp_path / "single" / "checkpoints" / "step-00000003")
+    train(config, "--resume", "auto")
+    assert losses(tmp_path / "single") == losses(straight_run)
+    assert consumed_keys(tmp_path / "single") == consumed_keys(straight_run)
+
+
+def test_resume_with_another_num_streams_is_one_line(tmp_path, text_dataset, straight_run):
+    config = write_config(tmp_path, text_dataset, "other", data={"num_streams": 4})
+    result = train(config, "--resume", str(straight_run / "checkpoints" / "latest"), check=False)
+    assert result.returncode == 2 and "written with data.num_streams 8, this run has 4" in result.stderr.strip().splitlines()[-1]
 
 
 KILL_DURING_SAVE = textwrap.dedent("""

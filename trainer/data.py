@@ -24,7 +24,7 @@ from core.config import DataConfig
 from core.errors import UserError
 from torch.utils.data import DataLoader
 
-from sharding.loader import SKIPPED, ShardIterableDataset, ShardLoader, log_skip
+from sharding.loader import SKIPPED, ShardIterableDataset, ShardLoader, default_num_streams, log_skip, streams_of_rank
 from sharding.manifest import Manifest
 from trainer import distributed
 from trainer.metrics import truncate_jsonl
@@ -42,6 +42,23 @@ def read_manifest(cfg: DataConfig) -> Manifest:
 
 def split_has_samples(manifest: Manifest, split: str) -> bool:
     return any(shard.split == split and shard.num_samples > 0 for shard in manifest.shards)
+
+
+def resolve_num_streams(cfg: DataConfig, manifest: Manifest, world_size: int, num_workers: int, is_checked: bool = True) -> int:
+    """data.num_streams, or when unset one stream per train shard capped at STREAMS_PER_READER per reader;
+    `is_checked` (the train split): a UserError when fewer streams than ranks x readers (some readers would
+    get no data at all)."""
+    readers_per_rank = max(1, num_workers)  # data.num_workers 0: the main process reads
+    num_readers = world_size * readers_per_rank
+    num_shards = len(manifest.shards_of(cfg.train_split))
+    num_streams = cfg.num_streams or default_num_streams(num_shards, num_readers)
+    if is_checked and num_streams < num_readers:
+        origin = f"data.num_streams {num_streams}" if cfg.num_streams else f"data.num_streams unset: {num_streams} (one per train shard)"
+        raise UserError(f"{origin} < {world_size} ranks x {readers_per_rank} data readers per rank (data.num_workers {num_workers}) = "
+                        f"{num_readers}: set data.num_streams >= {num_readers}"
+                        + (f" (the train split has {num_shards} shards: write more, smaller shards)" if num_shards < num_readers else "")
+                        + " or use fewer ranks / data.num_workers")
+    return num_streams
 
 
 def causal_lm_batch(fields: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -157,7 +174,8 @@ class Batches:
         self.skip_log = skip_log
         self.num_skipped_shards, self.num_skipped_samples = 0, 0  # this rank's, since the run began (checkpointed)
         self._is_resumed = False  # the skip log may hold lines of steps after the checkpoint
-        common = dict(rank=rank, world_size=world_size, num_streams=cfg.num_streams, seed=seed, shuffle=shuffle,
+        self.num_streams = resolve_num_streams(cfg, manifest, world_size, self.num_workers, is_checked=split == cfg.train_split)
+        common = dict(rank=rank, world_size=world_size, num_streams=self.num_streams, seed=seed, shuffle=shuffle,
                       storage_options=cfg.storage_options, verify=cfg.verify, on_corrupt=cfg.on_corrupt)
         if self.num_workers > 0:
             self.dataset = ShardIterableDataset(manifest, cfg.dataset, split, num_workers=self.num_workers, **common)
@@ -214,8 +232,9 @@ class Batches:
         if num_skipped:
             raise UserError(f"{self.dataset_url}: every shard and sample of this rank's part of the dataset was skipped as "
                             f"corrupt (data.on_corrupt: skip), see {self.skip_log or 'the log'}")
-        raise UserError("this rank's part of the dataset is empty: fewer shards than ranks x data workers "
-                        "(write more, smaller shards, or use fewer ranks)")
+        raise UserError(f"this rank's part of the dataset is empty: {self.dataset_url} has fewer shards than the "
+                        f"{self.world_size} ranks x {max(1, self.num_workers)} data readers (write more, smaller shards, "
+                        "or use fewer ranks / data.num_workers)")
 
     def _skipped(self, report: dict[str, Any], step: int | None) -> None:
         """Count a skipped shard (report["key"] None) or sample, and list it in the skip log."""
@@ -298,6 +317,15 @@ class Batches:
             counts = [int(round(value)) for value in total.tolist()]
         return {"skipped_shards": counts[0], "skipped_samples": counts[1]}
 
+    @property
+    def readers_per_rank(self) -> int:
+        return max(1, self.num_workers)
+
+    @property
+    def streams(self) -> list[int]:
+        """The loader streams this rank's readers own."""
+        return streams_of_rank(self.num_streams, self.rank, self.world_size, self.readers_per_rank)
+
     def state_dict(self) -> dict[str, Any]:
         loader_state = self.tracker.state_dict() if self.num_workers else self.loader.state_dict()
         if self.num_skipped_shards or self.num_skipped_samples:  # with the positions: merge_states sums them
@@ -305,10 +333,15 @@ class Batches:
         return {"epoch": self.epoch, "loader": loader_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from `state` (one rank's, or every rank's merged: then its skip counts are the total,
-        which rank 0 carries on so that the sum over ranks stays right)."""
+        """Resume from `state`: this rank's own, or (another world size) one holding at least this rank's
+        streams; its skip counts are this rank's to carry on (at another world size: the total on rank 0,
+        none on the others, so that the sum over ranks stays right)."""
         self._set_epoch(state["epoch"])
-        (self.dataset if self.num_workers else self.loader).load_state_dict(state["loader"])
-        skipped = state["loader"].get("skipped", {}) if self.rank == 0 else {}
+        if self.num_workers:
+            self.dataset.load_state_dict(state["loader"])
+            self.tracker = self.dataset.new_state()  # state_dict() before the first read says where the state does
+        else:
+            self.loader.load_state_dict(state["loader"])
+        skipped = state["loader"].get("skipped", {})
         self.num_skipped_shards, self.num_skipped_samples = skipped.get("shards", 0), skipped.get("samples", 0)
         self._is_resumed = True

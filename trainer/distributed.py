@@ -107,6 +107,16 @@ def all_gather_object(obj: Any) -> list[Any]:
     return gathered
 
 
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's `obj` in rank order on rank `dst` (None on the others): W objects to one rank, where
+    all_gather_object would move W to every rank."""
+    if not is_active():
+        return [obj]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, gathered, dst=dst)
+    return gathered
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank."""
     if not is_active():

@@ -21,7 +21,7 @@ from modeling.registry import build_model, get_model_spec, model_config
 from trainer.best_checkpoint import BestCheckpoint
 from trainer.classification import ClassificationTask, resolve_classifier_args
 from trainer.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
-from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, split_has_samples
+from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, resolve_num_streams, split_has_samples
 from trainer import distributed
 from trainer.engines import build_engine, engine_device
 from trainer.host_memory import release_freed_memory, shards_parameters
@@ -32,12 +32,12 @@ from trainer.reports import ReportWindow
 from trainer.run_plots import draw_reconstruction, draw_run_plots
 from trainer.samples import TrainingSampler
 from trainer.series_forecast import series_model_args
+from trainer.resume_state import parts_summary, rank_parts, read_rank_resume, saved_num_streams
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.token_tasks import RAW_KINDS, GridSource, GridTask, resolve_grid_args
 from trainer.weights import init_from_checkpoint
 from sharding import storage
 from sharding.token_grid import TokenGrid
-from sharding.loader import merge_states
 
 RECONSTRUCTION_TASKS = ("signal_reconstruction", "video_reconstruction", "signal_forecast")  # plotted at evals
 PLOT_INTERVAL_S = 60.0
@@ -136,6 +136,12 @@ class Trainer:
 
         self.manifest = read_manifest(cfg.data)
         self.manifest_id = self.manifest.fingerprint()[:16]
+        # the streams are fixed for a run: a resumed one keeps the checkpoint's (a config that names
+        # another number is refused at the load); a run with too few for its ranks x workers stops here
+        resumed = read_trainer_state(resume_from) if resume_from is not None else {"step": 0, "samples": 0}
+        if cfg.data.num_streams is None:
+            cfg.data.num_streams = saved_num_streams(resumed)
+        cfg.data.num_streams = resolve_num_streams(cfg.data, self.manifest, self.dist_env.world_size, cfg.data.num_workers)
         self.grid_source = grid_source(cfg, self.manifest)
         self.model_args = resolve_model_args(cfg, self.manifest, self.grid_source)
         self.spec = get_model_spec(cfg.model.name)
@@ -159,7 +165,6 @@ class Trainer:
         self.flops_per_token = model.num_flops_per_token()  # before ZeRO-3 partitions the parameters
         self.num_params = model.num_params()
         # run.max_epochs: the steps left are counted from the samples left, at this run's global batch
-        resumed = read_trainer_state(resume_from) if resume_from is not None else {"step": 0, "samples": 0}
         self.num_train_samples = self.manifest.num_samples(cfg.data.train_split)
         self.schedule = schedule_span(cfg.run, cfg.optim, self.num_train_samples, self.dist_env.world_size,
                                       resumed["step"], resumed["samples"])
@@ -222,7 +227,13 @@ class Trainer:
         return TrainingSampler(model, self.cfg, self.run_dir, storage.join(self.cfg.data.dataset, tokenizer),
                                self.cfg.data.storage_options, self.device, self.is_main)
 
-    def trainer_state(self) -> dict[str, Any]:
+    def trainer_state(self, digests: list[str] | None) -> dict[str, Any]:
+        """Rank 0's small trainer state; `digests`: every rank's parts digest (rank 0; None on the others).
+        Collective (the sums below): every rank calls it."""
+        window = [float(loss) for loss in self.window_losses]
+        if window:  # float64, summed in rank order: the mean a resume at another world size starts from
+            window = (distributed.all_reduce_sum(torch.tensor(window, dtype=torch.float64)) / self.engine.world_size).tolist()
+        skipped = self.train_batches.num_skipped()
         return {
             "step": self.step,
             "max_steps": self.max_steps,  # resolved: run.max_steps, or what run.max_epochs comes to
@@ -233,11 +244,11 @@ class Trainer:
             "engine": self.cfg.engine.kind,
             "format": self.engine.format,
             "engine_info": self.engine.describe(),
-            # collective: every rank's own position and RNG, in rank order
             "data": {"manifest_id": self.manifest_id, "dataset": self.cfg.data.dataset,
-                     "rank_states": distributed.all_gather_object(self.train_batches.state_dict())},
-            "rng": distributed.all_gather_object(rng_state()),
-            "loss_window": distributed.all_gather_object([float(loss) for loss in self.window_losses]),
+                     "skipped": {"shards": skipped["skipped_shards"], "samples": skipped["skipped_samples"]}},
+            # each rank's loader position and RNG are in its own files (trainer/resume_state.py)
+            "rank_states": digests and parts_summary(digests, self.train_batches.readers_per_rank, self.train_batches.num_streams),
+            "loss_window": window,  # the mean over ranks of each step's loss since the last record
             "report_window": self.reports.state_dict(),
             "best": self.best.state_dict() if self.best else None,  # checkpoint.keep_best: its metric, value and step
             "model": {"name": self.cfg.model.name, "flavor": self.cfg.model.flavor, "args": self.model_args},
@@ -251,7 +262,15 @@ class Trainer:
         if self.best is not None:
             self.best.offer(self.step, record or {}, is_scheduled=self._is_due(self.cfg.checkpoint.every_steps))
         best_step = self.best.step if self.best else None
-        return self.checkpoints.save(self.step, self.engine.save_checkpoint, self.trainer_state(), best_step)
+        parts = rank_parts(self.engine.rank, self.engine.world_size, self.step, self.train_batches.state_dict(),
+                           [float(loss) for loss in self.window_losses], rng_state())
+        state = self.trainer_state(distributed.gather_object(parts.sha256))  # digests to rank 0 alone
+
+        def write_files(directory: Path) -> None:
+            self.engine.save_checkpoint(directory)
+            parts.write(directory)
+
+        return self.checkpoints.save(self.step, write_files, state, best_step)
 
     def _load(self, directory: Path, state: dict[str, Any]) -> None:
         """Resume from checkpoint `directory`, whose trainer state is `state`."""
@@ -273,27 +292,25 @@ class Trainer:
         saved_world = state["world_size"]
         self.engine.load_checkpoint(directory, saved_world)
         self.step, self.tokens_seen, self.samples_seen = state["step"], state["tokens"], state["samples"]
-        # The union of every saved rank's stream positions, split over this run's ranks and workers:
-        # the same positions as each rank's own state when nothing changed, a re-split when the
-        # world size or data.num_workers did (elastic resume).
-        rank_states = state["data"]["rank_states"]
+        # this rank's own stream positions when nothing changed; a re-split of the streams it now owns when
+        # the world size or data.num_workers did (elastic resume)
+        batches = self.train_batches
+        if saved_num_streams(state) != batches.num_streams:
+            raise UserError(f"checkpoint {directory} was written with data.num_streams {saved_num_streams(state)}, this run has "
+                            f"{batches.num_streams}: the streams are fixed for a run (leave data.num_streams unset to take the checkpoint's)")
         try:
-            merged = merge_states(s["loader"] for s in rank_states)
-            self.train_batches.load_state_dict({"epoch": merged["epoch"], "loader": merged})
+            resume = read_rank_resume(directory, state, self.engine.rank, self.engine.world_size, batches.readers_per_rank, batches.streams)
+            batches.load_state_dict(resume.data)
         except ValueError as error:
             raise UserError(f"checkpoint {directory}: its data position does not apply to this run: {error}") from None
         if saved_world != self.engine.world_size:
-            log.info("elastic resume: %d rank(s) -> %d; data position re-split over the new ranks", saved_world, self.engine.world_size)
-        if self.engine.rank < len(state["rng"]):
-            set_rng_state(state["rng"][self.engine.rank])
+            log.info("elastic resume: %d rank(s) -> %d; data position re-split over the new ranks (rank %d read %d "
+                     "state file(s), %d bytes)", saved_world, self.engine.world_size, self.engine.rank, len(resume.paths), resume.num_bytes)
+        if resume.rng is not None:
+            set_rng_state(resume.rng)
         else:
             seed_everything(self.cfg.run.seed + self.engine.rank)
-        windows = state.get("loss_window") or [[]]
-        # same ranks: each its own losses; other ranks: every rank the ranks' mean of each step, so the
-        # all-reduced mean of the next record is the same
-        window = windows[self.engine.rank] if saved_world == self.engine.world_size else \
-            [sum(losses) / len(losses) for losses in zip(*windows)]
-        self.window_losses = [torch.tensor(loss, device=self.device) for loss in window]
+        self.window_losses = [torch.tensor(loss, device=self.device) for loss in resume.loss_window]
         self.reports.load_state_dict(state.get("report_window"), self.device)
         if self.best is not None:
             self.best.load_state_dict(state.get("best"))
