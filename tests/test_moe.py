@@ -23,6 +23,9 @@ from modeling.layers.moe import MoEConfig, MoEMLP, expert_capacity, route
 from modeling.registry import build_model
 from test_distributed import TIMEOUT, Runs, env, launcher_command, losses, run
 
+# 1 rank routing a batch of 8 sequences where 2 routed 4 each: other capacity drops, another aux loss
+# (measured: 4e-5 .. 3e-4 apart over 3 steps)
+RESIZE_RTOL = 1e-3
 MOE_ARGS = {"moe_num_experts": 4, "moe_top_k": 2, "moe_capacity_factor": 1.0, "moe_aux_loss_weight": 0.01}
 
 
@@ -361,6 +364,120 @@ def test_expert_parallel_equals_one_device(tmp_path):
     files = sorted(p.name for p in (tmp_path / "checkpoint" / "experts").iterdir())
     assert files == ["blocks.1.mlp.expert-0000.safetensors", "blocks.1.mlp.expert-0001.safetensors",
                      "blocks.1.mlp.expert-0002.safetensors", "blocks.1.mlp.expert-0003.safetensors", "index.json"]
+    # its experts' optimizer state is torch's, per expert-parallel rank: not re-partitioned for another size
+    from trainer.engines.expert_reshard import convert
+
+    with pytest.raises(UserError, match="was written under ZeRO stage 0, whose experts' optimizer state DeepSpeed cannot"):
+        convert(tmp_path / "checkpoint", "deepspeed", {}, 2, 2, 1, [])
+
+
+# ------------------------------- another expert-parallel size: experts re-partitioned
+
+RESIZE = r"""
+import gc, sys
+from pathlib import Path
+
+import torch, torch.distributed as dist
+from torch import nn
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+from core.config import EngineConfig, OptimConfig
+from modeling.registry import build_model
+from trainer.engines.deepspeed import DeepSpeedEngine
+
+dist.init_process_group("gloo")
+rank, ranks = dist.get_rank(), dist.get_world_size()  # 2 ranks: experts split over both; 1: all experts on it
+root, steps = Path(sys.argv[1]), sys.argv[2:]
+
+def gpt(seed):
+    torch.manual_seed(seed)
+    model = build_model("gpt", "debug", {"vocab_size": 64, "sequence_len": 16, "moe_num_experts": 4, "moe_layers": "1",
+                                         "moe_capacity_factor": 1.0, "moe_aux_loss_weight": 0.1})
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("c_proj.weight", "w_out")) or name == "lm_head.weight":
+                nn.init.normal_(param, std=0.1)
+    return model
+
+def engine(seed=1):
+    # the same global batch: 2 ranks x 1 micro-batch, or 1 rank x 2 micro-batches, each routing the tokens a rank
+    # did (capacity drops and aux loss alike)
+    optim = OptimConfig(lr=1e-2, micro_batch_size=2, grad_accum_steps=2 // ranks, warmup_steps=0, schedule="constant",
+                        grad_clip=0.0)
+    return DeepSpeedEngine(gpt(seed), optim, EngineConfig(kind="deepspeed", zero_stage=2, expert_parallel_size=ranks),
+                           10, torch.device("cpu"), ranks)
+
+generator = torch.Generator().manual_seed(2)
+batches = [[torch.randint(0, 64, (2, 16), generator=generator) for _ in range(2)] for _ in range(4)]
+
+def train(trained, steps):
+    losses = []
+    for step in steps:
+        micro = [batches[step][rank]] if ranks == 2 else batches[step]
+        loss = sum(trained.forward_backward({"idx": idx, "targets": idx}, 1.0) for idx in micro) / len(micro)
+        trained.optimizer_step()
+        dist.all_reduce(loss)
+        losses.append(loss.item() / ranks)
+    return losses
+
+def whole(trained):
+    # every parameter's fp32 master and Adam moments, experts gathered whole (collective)
+    # DeepSpeed 0.19 links the moments of the first optimizer group only (at its first step): link them all
+    trained.ds.optimizer._hp_optimizer_states_linked = False
+    trained.ds.optimizer._lazy_init_hp_params_optimizer_state()
+    state = {}
+    for name, param in trained.model.named_parameters():
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            value = safe_get_full_fp32_param(param) if key == "fp32" else safe_get_full_optimizer_state(param, key)
+            if ".experts." in name and ranks > 1:
+                pieces = [torch.empty_like(value) for _ in range(ranks)]
+                dist.all_gather(pieces, value.contiguous())
+                value = torch.cat(pieces)
+            state[f"{name} {key}"] = value.clone()
+    return state
+
+if "write" in steps:  # 1 step, checkpoint, 3 more: the uninterrupted run
+    trained = engine()
+    losses = train(trained, [0])
+    trained.save_checkpoint(root / f"ep{ranks}")
+    state = whole(trained)
+    losses += train(trained, [1, 2, 3])
+    if rank == 0:
+        torch.save({"state": state, "losses": losses}, root / f"ep{ranks}.pt")
+    del trained
+if "resume" in steps:  # the other size's checkpoint: its experts, masters and moments here, then its losses
+    other = 3 - ranks
+    restored = engine(seed=5)  # other weights, until the checkpoint is loaded
+    restored.load_checkpoint(root / f"ep{other}", other)
+    state, losses = whole(restored), train(restored, [1, 2, 3])
+    if rank == 0:
+        expected = torch.load(root / f"ep{other}.pt")
+        assert state.keys() == expected["state"].keys()
+        for key, value in expected["state"].items():
+            assert torch.equal(state[key], value), key
+        torch.testing.assert_close(losses, expected["losses"][1:], rtol=1e-5, atol=0)
+    del restored
+print(f"rank {rank} ok")
+gc.collect()
+dist.destroy_process_group()
+"""
+
+
+def test_experts_are_repartitioned_for_another_expert_parallel_size(tmp_path):
+    """ZeRO-2 checkpoints of 2 ranks with experts split over both, and of 1 rank with all of them, each
+    resume at the other size: every expert, its fp32 master and Adam moments equal, bit for bit, what
+    the writing run held, and the losses follow the writing run's."""
+    script = tmp_path / "resize.py"
+    script.write_text(RESIZE)
+    for ranks, steps in [(1, ["write"]), (2, ["write", "resume"]), (1, ["resume"])]:
+        command = [*launcher_command("torchrun", ranks, script=str(script)), str(tmp_path), *steps]
+        result = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=TIMEOUT)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+        assert all(f"rank {rank} ok" in result.stdout for rank in range(ranks))
+    # each converted once, for the size that loaded it, next to its shards
+    assert (tmp_path / "ep1" / "deepspeed_universal_ep2" / "zero" / "blocks.1.mlp.experts.w_in" / "exp_avg.pt").is_file()
+    expert = torch.load(tmp_path / "ep2" / "deepspeed_universal_ep1" / "zero" / "blocks.1.mlp.experts.w_in" / "fp32.pt")
+    assert expert["param"].shape == (4, 64, 256) and expert["is_expert_param"] and expert["ep_num_experts"] == 4
 
 
 # ------------------------------------------- the trainer under `deepspeed`, 2 ranks
@@ -431,23 +548,49 @@ def test_export_is_one_device_model_with_every_expert(moe_runs, tmp_path):
     assert torch.stack(rank_losses).mean().item() == pytest.approx(measured, rel=1e-5)
 
 
-@pytest.mark.parametrize("is_missing_an_expert, message", [
-    (True, "--resume auto: every checkpoint in checkpoint-3 fails its checks (newest step-00000003: "
-           "experts/blocks.1.mlp.expert-0003.safetensors is missing)"),
-    (False, "splits its experts over 2 rank(s) (engine.expert_parallel_size=2), this run over 1: resume with the same"),
-], ids=["missing-expert", "other-expert-parallel-size"])
-def test_mismatching_experts_exit_2(moe_runs, is_missing_an_expert, message):
-    """Resumed on 1 rank holding every expert: a checkpoint without all its experts, or with its experts
-    split over 2 ranks, is refused before anything is loaded."""
-    name = f"refused-{is_missing_an_expert}"
-    checkpoint = moe_runs.from_checkpoint("two", 3, name) / "checkpoints" / "step-00000003"
-    if is_missing_an_expert:
-        (checkpoint / "experts" / "blocks.1.mlp.expert-0003.safetensors").unlink()
-    config = moe_config(moe_runs, name, 1)
-    result = run("python", 1, config, "--resume", "auto", check=False)
-    expected = message.replace("checkpoint-3", str(checkpoint.parent if is_missing_an_expert else checkpoint))
+def test_resume_on_one_rank_holding_every_expert(moe_runs):
+    """The 2-rank checkpoint (experts split over both) resumes on 1 rank holding all 4 experts of each
+    layer: re-partitioned (`expert_reshard.py`), the run finishes and follows the uninterrupted one, and
+    its own checkpoints are those of an unsplit model."""
+    moe_runs.from_checkpoint("two", 3, "one-rank")
+    moe_runs.run(1, moe_config(moe_runs, "one-rank", 1), "--resume", "auto")
+    got, straight = losses(moe_runs.root / "one-rank"), losses(moe_runs.root / "two")
+    assert sorted(got) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(straight[step], rel=RESIZE_RTOL), f"step {step}"
+    checkpoint = moe_runs.root / "one-rank" / "checkpoints" / "step-00000006"
+    assert not (checkpoint / "experts").exists()
+    assert (moe_runs.root / "one-rank" / "checkpoints" / "step-00000003" / "deepspeed_universal_ep1").is_dir()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["world_size"] == 1 and state["engine_info"]["expert_parallel_size"] == 1
+
+
+def test_missing_expert_exits_2(moe_runs):
+    """Resumed on 1 rank holding every expert: a checkpoint without all its experts is refused before
+    anything is loaded."""
+    checkpoint = moe_runs.from_checkpoint("two", 3, "refused") / "checkpoints" / "step-00000003"
+    (checkpoint / "experts" / "blocks.1.mlp.expert-0003.safetensors").unlink()
+    result = run("python", 1, moe_config(moe_runs, "refused", 1), "--resume", "auto", check=False)
+    expected = (f"--resume auto: every checkpoint in {checkpoint.parent} fails its checks (newest step-00000003: "
+                "experts/blocks.1.mlp.expert-0003.safetensors is missing)")
     assert result.returncode == 2 and expected in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_partitions_of_another_layout_are_refused(moe_runs, tmp_path):
+    """Re-partitioning reads the optimizer files as the expert-parallel size and world size say they were
+    cut: told another layout, the fragments do not make the model's tensors, and it says so in one line."""
+    from trainer.engines.expert_reshard import convert
+    from trainer.engines.expert_parallel import read_index
+
+    checkpoint = tmp_path / "step-00000006"
+    shutil.copytree(moe_runs.root / "two" / "checkpoints" / "step-00000006", checkpoint)
+    experts = {f"{name}.experts.{param}": spec["num_experts"]
+               for name, spec in read_index(checkpoint)["layers"].items() for param in spec["params"]}
+    with pytest.raises(UserError, match=r"optimizer partitions do not make whole parameters for 2 rank\(s\) with "
+                                        r"expert_parallel_size 1: shape '\[2, 64, 256\]' is invalid"):
+        convert(checkpoint, "deepspeed", experts, 1, 2, 1, [{"name": "dense_0"}])
+    assert sorted(p.name for p in checkpoint.iterdir() if "universal" in p.name) == []  # nothing half-written left
 
 
 def test_missing_or_foreign_expert_files_are_refused(moe_runs, tmp_path):

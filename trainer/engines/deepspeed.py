@@ -9,7 +9,9 @@ which steps it once per optimizer step.
 Checkpoints are DeepSpeed's own: under `<checkpoint>/deepspeed/`, the module states of rank 0
 and one `zero_pp_rank_<r>_*optim_states.pt` per rank (ZeRO partitions stay partitioned). A
 checkpoint written by W ranks resumes on W' != W ranks through DeepSpeed's universal checkpoint
-format (`reshard.py`), converted once next to the checkpoint.
+format (`reshard.py`), converted once next to the checkpoint. An MoE checkpoint whose experts are
+split otherwise than this run's (another `engine.expert_parallel_size` or world size) is converted by
+`expert_reshard.py`, which knows the experts' layout.
 """
 
 from __future__ import annotations
@@ -306,13 +308,16 @@ class DeepSpeedEngine:
 
     def load_checkpoint(self, directory: Path, saved_world_size: int) -> None:
         """Collective. At another world size, loads the universal (resharded) form of the checkpoint."""
-        tag = TAG
-        expert_parallel.check_resume(directory, self.model, self.experts, saved_world_size, self.world_size)
-        load_module = None if self.experts is None else self.experts.module_loader(self.experts.local_experts(directory))
-        elastic = saved_world_size != self.world_size and self.zero_stage > 0
-        if elastic:
-            from trainer.engines.reshard import universal_checkpoint
+        from trainer.engines.reshard import universal_checkpoint
 
+        tag, load_module = TAG, None
+        saved_ep_size = expert_parallel.check_resume(directory, self.model, self.experts, saved_world_size, self.world_size)
+        elastic = saved_world_size != self.world_size and self.zero_stage > 0
+        if saved_ep_size is not None:  # experts split otherwise than here: re-partitioned
+            tag, elastic = self._experts_universal(directory, saved_ep_size, saved_world_size), True
+        elif self.experts is not None:
+            load_module = self.experts.module_loader(self.experts.local_experts(directory))
+        if elastic and saved_ep_size is None:
             tag = universal_checkpoint(directory, TAG)
         # DeepSpeed reads "universal or not" from its config at load time; this run decides per checkpoint
         self.ds._config.load_universal_checkpoint = elastic
@@ -332,6 +337,24 @@ class DeepSpeedEngine:
             raise UserError(f"checkpoint {directory}: no DeepSpeed shards under {directory / tag}")
         if elastic:
             self._repair_universal_load(hyperparameters)
+
+    def _experts_universal(self, directory: Path, saved_ep_size: int, saved_world_size: int) -> str:
+        """Collective: the tag of the checkpoint's universal form with the experts re-partitioned for
+        this run's expert-parallel size (written once, by rank 0; `expert_reshard.py`)."""
+        from trainer.engines import expert_reshard
+        from trainer.engines.reshard import universal_checkpoint
+
+        ep_size = self.experts.ep_size if self.experts is not None else 1
+        if self.zero_stage == 0:
+            raise UserError(f"checkpoint {directory}: its experts were split over {saved_ep_size} of {saved_world_size} "
+                            f"rank(s), this run splits them over {ep_size} of {self.world_size}: re-partitioning them "
+                            "needs ZeRO stage 1 or 2 (engine.zero_stage), this run uses 0")
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        experts = expert_parallel.expert_tensors(self.model, self.experts)
+        log.info("experts re-partitioned: expert_parallel_size %d on %d rank(s) -> %d on %d",
+                 saved_ep_size, saved_world_size, ep_size, self.world_size)
+        return universal_checkpoint(directory, TAG, lambda: expert_reshard.convert(
+            directory, TAG, experts, saved_ep_size, saved_world_size, ep_size, groups))
 
     def _repair_universal_load(self, hyperparameters: list[dict[str, Any]]) -> None:
         """Undo two things DeepSpeed 0.19's ZeRO-3 universal load gets wrong

@@ -25,9 +25,11 @@ so the experts are checkpointed here, next to DeepSpeed's shards:
 
 Resume checks that the index covers every MoE layer of the model with the right experts and
 shapes and that every expert file is there, then each rank loads its own experts. The experts'
-optimizer state is cut for P and W, so resume needs the P and W that wrote the checkpoint; other
-values are refused (one line, exit 2). `tokfleet export` builds the single-device model from
-DeepSpeed's model states and the expert files (`consolidated_state`).
+optimizer state is cut for P and W: a run with another expert-parallel size P' (1 included) or
+world size re-partitions the experts, their fp32 master weights and Adam moments from DeepSpeed's
+per-rank optimizer files (`expert_reshard.py`, ZeRO-1/2; a ZeRO-0 checkpoint resumes with its own P
+and W only). `tokfleet export` builds the single-device model from DeepSpeed's model states and the
+expert files (`consolidated_state`).
 
 Also DeepSpeed's: the gradient norm that is clipped and logged is computed its way for MoE models
 (under ZeRO-0, the mean over ranks of each rank's norm over the parameters it holds), not as the
@@ -221,21 +223,24 @@ def read_index(directory: Path) -> dict[str, Any] | None:
 
 
 def check_resume(directory: Path, model: nn.Module, experts: ExpertParallel | None, saved_world_size: int,
-                 world_size: int) -> None:
-    """Refuse a checkpoint whose experts do not cover the model's MoE layers, or whose expert layout this
-    run cannot take (another expert-parallel size or world size). Every rank reaches the same verdict."""
+                 world_size: int) -> int | None:
+    """Refuse a checkpoint whose experts do not cover the model's MoE layers (every rank reaches the same
+    verdict). Returns the expert-parallel size that wrote it when its experts must be re-partitioned for
+    this run (another expert-parallel size or world size, `expert_reshard.py`), else None."""
     index = read_index(directory)
     if index is not None:
         check_experts(directory, index, experts.specs if experts is not None else layer_specs(model))
-    ep_size = experts.ep_size if experts is not None else 1
+    if index is None and experts is None:
+        return None  # no experts split on either side: DeepSpeed's own layout (and resharding)
     saved_ep_size = index["expert_parallel_size"] if index is not None else 1
-    if saved_ep_size != ep_size:
-        raise UserError(f"checkpoint {directory} splits its experts over {saved_ep_size} rank(s) (engine.expert_parallel_size="
-                        f"{saved_ep_size}), this run over {ep_size}: resume with the same expert_parallel_size, "
-                        "or `tokfleet export` it for one device")
-    if index is not None and saved_world_size != world_size:
-        raise UserError(f"checkpoint {directory}: an expert-parallel checkpoint resumes on the {saved_world_size} ranks "
-                        f"that wrote it (its experts' optimizer state is cut for them), this run has {world_size}")
+    ep_size = experts.ep_size if experts is not None else 1
+    return saved_ep_size if (saved_ep_size, saved_world_size) != (ep_size, world_size) else None
+
+
+def expert_tensors(model: nn.Module, experts: ExpertParallel | None) -> dict[str, int]:
+    """State-dict key of every expert tensor -> the number of experts it stacks (whole layers)."""
+    specs = experts.specs if experts is not None else layer_specs(model)
+    return {f"{name}.experts.{param}": spec["num_experts"] for name, spec in specs.items() for param in spec["params"]}
 
 
 def check_experts(directory: Path, index: dict[str, Any], specs: dict[str, dict[str, Any]]) -> None:

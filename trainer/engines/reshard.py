@@ -15,6 +15,7 @@ import os
 import shutil
 from argparse import Namespace
 from pathlib import Path
+from typing import Callable
 
 from core.errors import UserError
 from trainer import distributed
@@ -47,15 +48,17 @@ def convert_to_universal(directory: Path, tag: str) -> str:
     return universal.name
 
 
-def universal_checkpoint(directory: Path, tag: str) -> str:
-    """Collective: rank 0 converts, everyone waits; returns the universal tag."""
-    error = None
+def universal_checkpoint(directory: Path, tag: str, convert: Callable[[], str] | None = None) -> str:
+    """Collective: rank 0 converts (`convert`, by default DeepSpeed's converter), everyone waits; returns
+    the universal tag."""
+    convert = convert or (lambda: convert_to_universal(directory, tag))
+    universal, error = None, None
     if distributed.rank() == 0:
         try:
-            convert_to_universal(directory, tag)
+            universal = convert()
         except UserError as raised:
             error = str(raised)
-    error = distributed.broadcast_object(error)
+    universal, error = distributed.broadcast_object((universal, error))
     if error:
         raise UserError(error)
-    return f"{tag}{UNIVERSAL_SUFFIX}"
+    return universal
