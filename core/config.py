@@ -55,7 +55,7 @@ class DataConfig:
     train_split: str = option("train", "manifest split used for training")
     val_split: str = option("val", "manifest split used for validation ('' disables validation)")
     num_streams: int | None = option(None, "logical data streams, at least ranks x data workers; fixed for a run so resume works at "
-                                           "any world size; empty: one per train shard, at most 64 per reader", bound=">= 1")
+                                           "any world size; empty: one per train shard, at least 1 and at most 64 per reader", bound=">= 1")
     shuffle: bool = option(True, "shuffle shard order and samples within a shard per epoch")
     num_workers: int = option(0, "DataLoader worker processes per rank", bound=">= 0")
     log_sample_keys: bool = option(False, "write each consumed sample key to logs/sample_keys-rank*.jsonl")

@@ -80,10 +80,12 @@ STREAMS_PER_READER = 64  # the default's cap: a reader interleaves its streams, 
 
 
 def default_num_streams(num_shards: int, num_readers: int) -> int:
-    """One stream per shard, at most STREAMS_PER_READER per reader: every reader's share of an epoch is then
-    within one shard of the others' (each stream holds one shard, or the readers divide the streams), and
-    a reader holds at most STREAMS_PER_READER shards in memory."""
-    return max(1, min(num_shards, STREAMS_PER_READER * num_readers))
+    """One stream per shard, at least one per reader and at most STREAMS_PER_READER per reader: every
+    reader's share of an epoch is then within one shard of the others' (each stream holds one shard, or
+    the readers divide the streams), and a reader holds at most STREAMS_PER_READER shards in memory. With
+    fewer shards than readers the extra readers' streams are empty (they idle; a rank with no data at all
+    stops at its first read, naming the shard count)."""
+    return max(1, num_readers, min(num_shards, STREAMS_PER_READER * num_readers))
 
 
 def streams_of_reader(num_streams: int, reader: int, num_readers: int) -> list[int]:

@@ -45,16 +45,15 @@ def split_has_samples(manifest: Manifest, split: str) -> bool:
 
 
 def resolve_num_streams(cfg: DataConfig, manifest: Manifest, world_size: int, num_workers: int, is_checked: bool = True) -> int:
-    """data.num_streams, or when unset one stream per train shard capped at STREAMS_PER_READER per reader;
+    """data.num_streams, or when unset one stream per train shard, at least 1 and at most STREAMS_PER_READER per reader;
     `is_checked` (the train split): a UserError when fewer streams than ranks x readers (some readers would
     get no data at all)."""
     readers_per_rank = max(1, num_workers)  # data.num_workers 0: the main process reads
     num_readers = world_size * readers_per_rank
     num_shards = len(manifest.shards_of(cfg.train_split))
     num_streams = cfg.num_streams or default_num_streams(num_shards, num_readers)
-    if is_checked and num_streams < num_readers:
-        origin = f"data.num_streams {num_streams}" if cfg.num_streams else f"data.num_streams unset: {num_streams} (one per train shard)"
-        raise UserError(f"{origin} < {world_size} ranks x {readers_per_rank} data readers per rank (data.num_workers {num_workers}) = "
+    if is_checked and num_streams < num_readers:  # only when set: the default has a stream per reader
+        raise UserError(f"data.num_streams {num_streams} < {world_size} ranks x {readers_per_rank} data readers per rank (data.num_workers {num_workers}) = "
                         f"{num_readers}: set data.num_streams >= {num_readers}"
                         + (f" (the train split has {num_shards} shards: write more, smaller shards)" if num_shards < num_readers else "")
                         + " or use fewer ranks / data.num_workers")
