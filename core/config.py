@@ -128,9 +128,19 @@ class CheckpointConfig:
     keep_best: str | None = option(None, "a metric of metrics.jsonl (val_loss, loss, ...): checkpoints/best names the checkpoint "
                                          "with its best value so far, and keep_last never deletes it; empty: no best")
     keep_best_mode: Literal["min", "max"] = option("min", "keep_best: min (a loss) or max is best")
+    async_save: bool = option(False, "copy the state to host memory and write the checkpoint in the background while "
+                                     "training goes on (the next save waits for it)")
+    url: str | None = option(None, "object-store URL (s3://bucket/prefix) every complete checkpoint is uploaded to; "
+                                   "--resume auto downloads the newest from there")
+    storage_options: dict[str, Any] = option(help="fsspec storage options for checkpoint.url", factory=dict)
+    retry_s: float = option(120.0, "how long transient object-store errors (5xx, reset connections) are retried before a "
+                                   "save or download gives up", bound="> 0")
 
     def __post_init__(self):
         check_bounds(self, "checkpoint")
+        if self.url is not None and "://" not in self.url:
+            raise ConfigError(f"checkpoint.url {self.url!r} is a local path: give an object-store URL (s3://bucket/prefix); "
+                              "local checkpoints are in run.output_dir/checkpoints already", key="checkpoint.url")
 
 
 @dataclass

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from typing import Any, BinaryIO, Iterator, TextIO
 
@@ -141,8 +143,7 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
         with open(local_path(url), "rb") as handle:
             return handle.read()
     fs, path = filesystem(url, storage_options)
-    with _remote_errors(url):
-        return fs.cat_file(path)
+    return retrying(url, "reading", lambda: fs.cat_file(path))  # shards, manifests: a restarting store is waited for
 
 
 def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -244,3 +245,57 @@ def move_aside(url: str, storage_options: dict[str, Any] | None = None) -> str:
                 fs.mv(path.rstrip("/"), target, recursive=True)
             return target_url
     raise UserError(f"{url}: 9999 older copies sit next to it already; remove some")
+
+
+# ------------------------------------------------------------------ transient object-store errors
+
+RETRY_BUDGET_S = 120.0  # how long an object store may fail transiently before an operation gives up
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "503", "500", "502", "504"}
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                    "HTTPClientError", "ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError",
+                    "ClientOSError", "ClientPayloadError", "IncompleteRead", "FSTimeoutError", "ResponseParserError"}
+
+log = logging.getLogger("tokfleet.storage")
+
+
+def is_transient(error: BaseException) -> bool:
+    """An error that a later try may not meet: a refused or reset connection, a timeout, a 5xx answer
+    or SlowDown. Walks the cause chain, since s3fs re-raises botocore's and aiohttp's errors as OSError."""
+    while error is not None:
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return True
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(error).__mro__):
+            return True
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return status >= 500 or response.get("Error", {}).get("Code") in _TRANSIENT_CODES
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def retrying(url: str, what: str, operation, budget_s: float | None = None):
+    """`operation()`, tried again with exponential backoff (0.5 s doubling to 8 s) while it fails with a
+    transient error, for at most `budget_s` seconds (RETRY_BUDGET_S); each retry is one warning line.
+    A permanent error, or a transient one past the budget, is a UserError naming `url` and `what`
+    (refused credentials and missing buckets keep their own messages; a missing file stays a
+    FileNotFoundError)."""
+    budget_s = RETRY_BUDGET_S if budget_s is None else budget_s
+    deadline = time.monotonic() + budget_s
+    for attempt in itertools.count(1):
+        try:
+            with _remote_errors(url):
+                return operation()
+        except (UserError, FileNotFoundError):  # a missing file is the caller's to handle
+            raise
+        except Exception as error:  # noqa: BLE001 - sorted into transient and permanent below
+            first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            if not is_transient(error):
+                raise UserError(f"{url}: {what} failed: {type(error).__name__}: {first_line}") from None
+            wait = min(8.0, 0.5 * 2 ** (attempt - 1))
+            if time.monotonic() + wait > deadline:
+                raise UserError(f"{url}: {what} failed: the object store kept failing for {budget_s:.0f} s "
+                                f"({attempt} tries; last: {type(error).__name__}: {first_line})") from None
+            log.warning("%s: %s failed transiently (%s: %s); retry %d in %.1f s", url, what, type(error).__name__,
+                        first_line, attempt, wait)
+            time.sleep(wait)

@@ -180,6 +180,20 @@ class RadosGateway:
                 raise S3ServerError(f"timed out {what} after {START_TIMEOUT_S:.0f} s; logs: {self.root}/log")
             time.sleep(0.3)
 
+    # ------------------------------------------------------- restart the gateway
+
+    def stop_gateway(self) -> None:
+        """Kill radosgw alone (the S3 endpoint goes away; the stored objects stay in the OSD)."""
+        gateway = next(p for p in self.processes if os.path.basename(p.args[0]) == "radosgw")
+        gateway.kill()
+        gateway.wait()
+        self.processes.remove(gateway)
+
+    def start_gateway(self) -> None:
+        """Start radosgw again on the same port; returns once it answers."""
+        self._spawn("radosgw", "-f", "-c", self.conf, "-n", "client.admin")
+        self._wait(self._is_serving, "waiting for the restarted radosgw to answer")
+
     # ------------------------------------------------------------------- stop
 
     def stop(self) -> None:

@@ -10,10 +10,15 @@ up by the next save.
 With several ranks (the run directory on a shared filesystem), every rank writes its own
 engine files into the one temporary folder; after a barrier rank 0 alone writes the trainer
 state (which holds every rank's loader and RNG state), the marker, the rename, `latest` and `best`.
+
+With `checkpoint.async_save` the engine files are written by a background thread from a copy in host
+memory (trainer/async_checkpoint.py) and rank 0 finishes the checkpoint there; with `checkpoint.url`
+rank 0 then uploads the complete checkpoint to object storage (trainer/checkpoint_store.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +29,8 @@ from typing import Any, Callable
 
 from core.errors import UserError, disk_fault
 from trainer import distributed
+from trainer.async_checkpoint import BackgroundSave, Writer
+from trainer.checkpoint_store import RemoteCheckpoints
 
 log = logging.getLogger("tokfleet.trainer")
 
@@ -155,9 +162,11 @@ def move_aside(path: Path) -> Path:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep_last: int):
+    def __init__(self, run_dir: Path, keep_last: int, remote: RemoteCheckpoints | None = None):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = max(1, keep_last)
+        self.remote = remote  # checkpoint.url: the object store every complete checkpoint is uploaded to
+        self.pending: BackgroundSave | None = None  # the background save in flight (checkpoint.async_save)
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoint folders, oldest first."""
@@ -178,7 +187,13 @@ class CheckpointManager:
         return None
 
     def remove_leftovers(self) -> None:
-        """Temporary files of saves that were killed or failed (rank 0, before a run writes any)."""
+        """Temporary files of saves that were killed or failed (rank 0, before a run writes any), and
+        unfinished uploads to checkpoint.url."""
+        if self.remote is not None:
+            self.remote.remove_leftovers()
+        self._remove_local_leftovers()
+
+    def _remove_local_leftovers(self) -> None:
         if not self.root.is_dir():
             return
         for path in self.root.iterdir():
@@ -194,11 +209,61 @@ class CheckpointManager:
         `trainer_state` and `best_step` (the step of the best checkpoint so far, this one included;
         None: no `best` to keep) are used on rank 0 only.
         """
+        self.wait()  # a background save still in flight finishes first
+        final, tmp = self._begin(step)
+        with self._dropping_on_failure(step, tmp):
+            write_files(tmp)
+            distributed.barrier()  # every rank's files are written
+            if distributed.rank() == 0:
+                self._finish(step, final, tmp, trainer_state, best_step)
+        distributed.barrier()  # no rank goes on before the checkpoint is in place
+        return final
+
+    def save_in_background(self, step: int, snapshot_files: Callable[[Path], Writer], trainer_state: dict[str, Any],
+                           best_step: int | None = None) -> Path:
+        """Like `save`, but `snapshot_files(tmp)` (collective) only copies the state to host memory and
+        returns the writer of its files, which runs on a background thread with the rest of the save;
+        returns the folder the checkpoint will have. The previous background save is waited for first."""
+        self.wait()
+        distributed.background_group()  # created by every rank here, before a writer thread needs it
+        final, tmp = self._begin(step)
+        with self._dropping_on_failure(step, tmp):
+            write = snapshot_files(tmp)
         is_main = distributed.rank() == 0
+
+        def finish_in_background() -> None:
+            with self._dropping_on_failure(step, tmp):
+                write()
+                distributed.background_barrier()  # every rank's files are written
+                if is_main:
+                    self._finish(step, final, tmp, trainer_state, best_step)
+
+        self.pending = BackgroundSave(final.name, finish_in_background)
+        return final
+
+    def wait(self) -> None:
+        """Block until the background save in flight (if any) is complete; its error is raised here."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.wait()
+
+    def _begin(self, step: int) -> tuple[Path, Path]:
+        """(final folder, temporary folder) of the checkpoint of `step`; rank 0 creates the temporary one."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".{final.name}.tmp-{distributed.broadcast_object(os.getpid())}"  # rank 0's pid names it
+        if distributed.rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        distributed.barrier()
+        return final, tmp
+
+    @contextlib.contextmanager
+    def _dropping_on_failure(self, step: int, tmp: Path):
+        """A save that fails drops its temporary folder and keeps the previous checkpoint; a full disk
+        is one UserError line naming the checkpoint left intact."""
         try:
-            self._write(step, final, tmp, write_files, trainer_state, is_main, best_step)
+            yield
         except KeyboardInterrupt:  # a second Ctrl-C: drop the partial checkpoint, keep the previous one
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -210,32 +275,24 @@ class CheckpointManager:
             intact = self.latest()
             raise UserError(f"{fault} writing checkpoint step {step} in {self.root}; "
                             + (f"{intact.name} is intact" if intact else "no earlier checkpoint to keep")) from None
-        distributed.barrier()  # no rank goes on before the checkpoint is in place
-        return final
 
-    def _write(self, step: int, final: Path, tmp: Path, write_files: Callable[[Path], None], trainer_state: dict[str, Any],
-               is_main: bool, best_step: int | None = None) -> None:
-        if is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        distributed.barrier()
-        write_files(tmp)
-        distributed.barrier()  # every rank's files are written
-        if is_main:
-            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "files": files}))
-            _fsync_tree(tmp)
-            if final.exists():  # re-saving a step after resuming from an older checkpoint
-                stale = self.root / f".{final.name}.stale-{os.getpid()}"
-                final.rename(stale)
-                shutil.rmtree(stale)
-            tmp.rename(final)
-            _write_atomic(self.root / LATEST_FILE, final.name + "\n")
-            if best_step is not None:
-                self._point_best(step_dir_name(best_step))
-            self._prune()
+    def _finish(self, step: int, final: Path, tmp: Path, trainer_state: dict[str, Any], best_step: int | None) -> None:
+        """Rank 0, once every rank's files are in `tmp`: trainer state, marker, rename, pointers, pruning, upload."""
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "files": files}))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step after resuming from an older checkpoint
+            stale = self.root / f".{final.name}.stale-{os.getpid()}"
+            final.rename(stale)
+            shutil.rmtree(stale)
+        tmp.rename(final)
+        _write_atomic(self.root / LATEST_FILE, final.name + "\n")
+        if best_step is not None:
+            self._point_best(step_dir_name(best_step))
+        self._prune()
+        if self.remote is not None:
+            self.remote.upload(final, step_dir_name(best_step) if best_step is not None else None, self.keep_last)
 
     def _point_best(self, name: str) -> None:
         """`best` names checkpoint `name`. Rewritten at every save, so it agrees with the trainer state even
@@ -261,7 +318,7 @@ class CheckpointManager:
         for path in self.complete_checkpoints()[: -self.keep_last]:
             if path != best:  # keep_last never deletes the best checkpoint
                 shutil.rmtree(path, ignore_errors=True)
-        self.remove_leftovers()  # of crashed saves (ours was renamed)
+        self._remove_local_leftovers()  # of crashed saves (ours was renamed)
 
     def claim(self, resume: str | None, overwrite: bool) -> Path | None:
         """Make sure a run that starts fresh (no --resume) writes over nothing: a run dir that already
@@ -271,16 +328,37 @@ class CheckpointManager:
             raise UserError("--overwrite starts a new run in place of the old one; it does not go with --resume")
         complete = self.complete_checkpoints()  # every rank looks before any rank moves anything
         run_dir = self.root.parent
-        if resume or not complete:
+        if resume:
+            return None
+        remote = distributed.broadcast_object(self.remote.complete_checkpoints() if self.remote and distributed.rank() == 0 else [])
+        if remote and not overwrite:
+            raise UserError(f"checkpoint.url {self.remote.url} already holds a run's checkpoints (up to {remote[-1]}): continue it "
+                            "with --resume auto, choose another checkpoint.url, or pass --overwrite to move them aside (nothing is deleted)")
+        if not complete and not remote:
             return None
         if not overwrite:
             raise UserError(f"run.output_dir {run_dir} already holds a run (checkpoints up to step "
                             f"{int(_STEP_DIR.match(complete[-1].name).group(1))}): continue it with --resume auto, "
                             "choose another run.output_dir, or pass --overwrite to move it aside (nothing is deleted)")
         distributed.barrier()
-        moved = move_aside(run_dir) if distributed.rank() == 0 else None
+        moved = None
+        if distributed.rank() == 0:
+            if remote:
+                log.info("--overwrite: moved the checkpoints that were in %s to %s", self.remote.url, self.remote.move_aside())
+            if complete:
+                moved = move_aside(run_dir)
         distributed.barrier()
         return distributed.broadcast_object(moved)
+
+    def _fetch_remote_latest(self) -> None:
+        """Collective: rank 0 downloads the newest complete checkpoint of checkpoint.url into checkpoints/
+        unless that step (or a newer one) is complete here already, as after a restart on the same machine."""
+        if distributed.rank() == 0:
+            remote = self.remote.complete_checkpoints()
+            local = self.latest()
+            if remote and (local is None or remote[-1] > local.name):
+                self.remote.download(remote[-1], self.root)
+        distributed.barrier()
 
     def resolve(self, resume: str | None) -> Path | None:
         """`--resume auto|best|PATH` -> a complete checkpoint folder (None: start fresh)."""
@@ -295,6 +373,8 @@ class CheckpointManager:
             except UserError as error:
                 raise UserError(f"--resume best: {error}") from None
         if resume == "auto":
+            if self.remote is not None:
+                self._fetch_remote_latest()
             latest = self.latest()
             complete = self.complete_checkpoints()
             if latest is None and complete:  # not a fresh start over damaged checkpoints: say so

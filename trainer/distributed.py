@@ -165,5 +165,28 @@ def all_reduce_max(value: int) -> int:
 
 
 def shutdown() -> None:
+    global _background_group
+    _background_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_background_group = None
+
+
+def background_group():
+    """A gloo group of every rank for threads beside the training loop (background checkpoint writers):
+    collectives on a group of their own never interleave with the loop's. The first call creates it
+    and is collective; None without a group of several ranks."""
+    global _background_group
+    if not is_active():
+        return None
+    if _background_group is None:
+        _background_group = dist.new_group(backend="gloo")
+    return _background_group
+
+
+def background_barrier() -> None:
+    """A barrier on `background_group()` (which an earlier call on every rank created)."""
+    if _background_group is not None:
+        dist.barrier(group=_background_group)

@@ -21,6 +21,7 @@ from modeling.registry import build_model, get_model_spec, model_config
 from trainer.best_checkpoint import BestCheckpoint
 from trainer.classification import ClassificationTask, resolve_classifier_args
 from trainer.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
+from trainer.checkpoint_store import RemoteCheckpoints
 from trainer.data import TASK_BATCHES, Batches, num_tokens, read_manifest, resolve_num_streams, split_has_samples
 from trainer import distributed
 from trainer.engines import build_engine, engine_device
@@ -124,7 +125,8 @@ class Trainer:
             distributed.init_process_group(self.dist_env, self.device, cfg.engine.timeout_s)
         self.is_main = self.dist_env.is_main
         self.run_dir = Path(cfg.run.output_dir)
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
+        remote = RemoteCheckpoints(cfg.checkpoint.url, cfg.checkpoint.storage_options, cfg.checkpoint.retry_s) if cfg.checkpoint.url else None
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, remote)
         moved = self.checkpoints.claim(resume, overwrite)  # a fresh run never writes over another's checkpoints
         if moved is not None:
             log.info("--overwrite: moved the run that was in %s to %s", self.run_dir, moved)
@@ -262,15 +264,27 @@ class Trainer:
         if self.best is not None:
             self.best.offer(self.step, record or {}, is_scheduled=self._is_due(self.cfg.checkpoint.every_steps))
         best_step = self.best.step if self.best else None
+        started = time.perf_counter()
         parts = rank_parts(self.engine.rank, self.engine.world_size, self.step, self.train_batches.state_dict(),
                            [float(loss) for loss in self.window_losses], rng_state())
         state = self.trainer_state(distributed.gather_object(parts.sha256))  # digests to rank 0 alone
+        if self.cfg.checkpoint.async_save:
+            def snapshot_files(directory: Path):
+                write = self.engine.snapshot_checkpoint(directory)  # the state in host memory; written later
+                parts.write(directory)  # this rank's small resume-state files, now
+                return write
 
-        def write_files(directory: Path) -> None:
-            self.engine.save_checkpoint(directory)
-            parts.write(directory)
+            saved = self.checkpoints.save_in_background(self.step, snapshot_files, state, best_step)
+        else:
+            def write_files(directory: Path) -> None:
+                self.engine.save_checkpoint(directory)
+                parts.write(directory)
 
-        return self.checkpoints.save(self.step, write_files, state, best_step)
+            saved = self.checkpoints.save(self.step, write_files, state, best_step)
+        if self.is_main:  # what a save costs the training loop (with async saves: the copy, and waiting for the previous write)
+            log.info("checkpoint %s: training blocked %.3f s%s", saved.name, time.perf_counter() - started,
+                     " (written in the background)" if self.cfg.checkpoint.async_save else "")
+        return saved
 
     def _load(self, directory: Path, state: dict[str, Any]) -> None:
         """Resume from checkpoint `directory`, whose trainer state is `state`."""
@@ -473,9 +487,12 @@ class Trainer:
                         or (self.step == self.max_steps and cfg.checkpoint.save_final) or is_preempted:
                     last_checkpoint = self.save_checkpoint(last_record)
                 if is_preempted:
+                    self.checkpoints.wait()  # the checkpoint is complete before the stop is announced
                     if not preemption.is_interrupted:
                         log.info("stop signal: checkpointed step %d and stopped; resume with --resume auto", self.step)
                     break
+            self.checkpoints.wait()  # a background save still in flight completes before the run ends
+            distributed.barrier()
         finally:
             if owns_watcher:
                 preemption.close()

@@ -39,7 +39,8 @@ from torch import nn
 from core.config import EngineConfig, OptimConfig
 from trainer import distributed
 from trainer.engines.deepspeed import DeepSpeedEngine
-from trainer.engines.single import load_whole, save_whole
+from trainer.async_checkpoint import Writer
+from trainer.engines.single import load_whole, save_whole, snapshot_whole
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -179,6 +180,11 @@ class AccelerateDDPEngine(AccelerateEngine):
     def save_checkpoint(self, directory: Path) -> None:
         if self.rank == 0:  # replicas are identical
             save_whole(directory, self.model, self.optimizer.optimizer, self.scheduler, self.accelerator.scaler)
+
+    def snapshot_checkpoint(self, directory: Path) -> Writer:
+        if self.rank != 0:
+            return lambda: None
+        return snapshot_whole(directory, self.model, self.optimizer.optimizer, self.scheduler, self.accelerator.scaler)
 
     def load_checkpoint(self, directory: Path, saved_world_size: int) -> None:
         load_whole(directory, self.model, self.optimizer.optimizer, self.scheduler, self.accelerator.scaler, self.device)

@@ -31,6 +31,7 @@ from torch import nn
 
 from core.config import EngineConfig, OptimConfig
 from core.errors import UserError
+from trainer.async_checkpoint import Writer, to_host
 from trainer.engines import expert_parallel
 from trainer.optim import adamw_implementation, build_scheduler, optimizer_name, param_groups
 
@@ -224,6 +225,39 @@ def _quiet():
         logger.setLevel(level)
 
 
+def _host_snapshots(inner):
+    """A checkpoint engine standing in for DeepSpeed's `inner` during an async save (the class is
+    defined here: DeepSpeed is imported only by runs that use it)."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    class HostSnapshots(CheckpointEngine):
+        """A DeepSpeed checkpoint engine that copies each state DeepSpeed saves to host memory and
+        queues it; `write()` (the writer thread) saves the queue with the engine it stands in for."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.name, self.queued = inner, "tokfleet-host-snapshots", []
+
+        def create(self, info):
+            self.inner.create(info)
+
+        def save(self, state_dict, path: str):
+            self.queued.append((to_host(state_dict), path))
+
+        def load(self, path: str, map_location=None):
+            return self.inner.load(path, map_location)
+
+        def commit(self, info):
+            return True  # the files are not written yet; the checkpoint's COMPLETE marker says when they are
+
+        def write(self) -> None:
+            queued, self.queued = self.queued, []
+            for state_dict, path in queued:
+                self.inner.save(state_dict, path)
+
+    return HostSnapshots(inner)
+
+
 class DeepSpeedEngine:
     format = "deepspeed"
 
@@ -305,6 +339,18 @@ class DeepSpeedEngine:
         experts = self.experts.saving(directory) if self.experts is not None else contextlib.nullcontext()
         with _quiet(), contextlib.redirect_stdout(io.StringIO()), experts:  # experts: their own files (expert_parallel.py)
             self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+
+    def snapshot_checkpoint(self, directory: Path) -> Writer:
+        """Collective: DeepSpeed's save with its files held in host memory (`_host_snapshots`); the returned
+        writer writes them with DeepSpeed's own checkpoint engine (async saves)."""
+        original = self.ds.checkpoint_engine
+        snapshots = _host_snapshots(original)
+        self.ds.checkpoint_engine = snapshots
+        try:
+            self.save_checkpoint(directory)
+        finally:
+            self.ds.checkpoint_engine = original
+        return snapshots.write
 
     def load_checkpoint(self, directory: Path, saved_world_size: int) -> None:
         """Collective. At another world size, loads the universal (resharded) form of the checkpoint."""

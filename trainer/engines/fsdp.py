@@ -17,6 +17,8 @@ from torch import nn
 
 from core.config import EngineConfig, OptimConfig
 from core.errors import UserError
+from trainer import distributed
+from trainer.async_checkpoint import Writer
 from trainer.engines.accelerate import MIXED_PRECISION, AccelerateEngine, process_group_kwargs
 from trainer.optim import build_optimizer, build_scheduler
 
@@ -86,6 +88,20 @@ class AccelerateFSDPEngine(AccelerateEngine):
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / DCP_DIR))
         if self.rank == 0:
             torch.save(self.scheduler.state_dict(), directory / SCHEDULE_FILE)
+
+    def snapshot_checkpoint(self, directory: Path) -> Writer:
+        """Collective: DCP's async_save stages the shards to host memory and writes them from its own thread,
+        coordinating the ranks on the background group (never the training loop's); the returned writer
+        waits for that write."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer.optimizer)
+        written = dcp.async_save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / DCP_DIR),
+                                 process_group=distributed.background_group())
+        if self.rank == 0:
+            torch.save(self.scheduler.state_dict(), directory / SCHEDULE_FILE)
+        return written.result
 
     def load_checkpoint(self, directory: Path, saved_world_size: int) -> None:
         """Collective; DCP reshards a checkpoint of any world size onto this one."""

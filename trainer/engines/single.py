@@ -17,6 +17,7 @@ from torch import nn
 
 from core.config import EngineConfig, OptimConfig
 from core.errors import UserError
+from trainer.async_checkpoint import Writer, to_host
 from trainer.optim import build_optimizer, build_scheduler
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,6 +109,10 @@ class SingleDeviceEngine:
     def save_checkpoint(self, directory: Path) -> None:
         save_whole(directory, self.model, self.optimizer, self.scheduler, self.scaler)
 
+    def snapshot_checkpoint(self, directory: Path) -> Writer:
+        """The state copied to host memory; the returned writer writes it to `directory` (async saves)."""
+        return snapshot_whole(directory, self.model, self.optimizer, self.scheduler, self.scaler)
+
     def load_checkpoint(self, directory: Path, saved_world_size: int = 1) -> None:
         """Whole tensors: the same files load at any world size."""
         load_whole(directory, self.model, self.optimizer, self.scheduler, self.scaler, self.device)
@@ -115,13 +120,30 @@ class SingleDeviceEngine:
 
 def save_whole(directory: Path, model: nn.Module, optimizer, scheduler, scaler) -> None:
     """The "torch" checkpoint format: model.safetensors + optimizer.pt (whole tensors)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, directory / MODEL_FILE)
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-    }, directory / OPTIMIZER_FILE)
+    write_whole(directory, whole_state(model, optimizer, scheduler, scaler))
+
+
+def snapshot_whole(directory: Path, model: nn.Module, optimizer, scheduler, scaler) -> Writer:
+    """`save_whole` in two parts: a host-memory copy now, the files when the returned writer runs."""
+    state = to_host(whole_state(model, optimizer, scheduler, scaler))
+    return lambda: write_whole(directory, state)
+
+
+def whole_state(model: nn.Module, optimizer, scheduler, scaler) -> dict:
+    """What the "torch" format holds: the model's tensors, and optimizer, schedule and grad-scaler states."""
+    return {
+        "model": {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+        "training": {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        },
+    }
+
+
+def write_whole(directory: Path, state: dict) -> None:
+    save_file(state["model"], directory / MODEL_FILE)
+    torch.save(state["training"], directory / OPTIMIZER_FILE)
 
 
 def load_whole(directory: Path, model: nn.Module, optimizer, scheduler, scaler, device: torch.device) -> None:
