@@ -102,6 +102,9 @@ class EngineConfig:
     offload_params: bool = option(False, "DeepSpeed: keep parameters in CPU memory (ZeRO 3 only)")
     deepspeed_config: str | None = option(None, "DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); this config's values win")
     timeout_s: float = option(300.0, "seconds a collective waits for a missing rank before the job fails", bound="> 0")
+    compile: bool | None = option(
+        None, "compile each repeated block of the model (torch.compile per layer, as torchtitan); empty: on for CUDA, "
+              "off on CPU (compile time). A block class that cannot compile runs eager, with a log line naming it")
     expert_parallel_size: int = option(
         1, "DeepSpeed + MoE model: ranks that split each MoE layer's experts (tokens go all-to-all between them); "
            "divides the world size and the experts per layer. 1: every rank holds every expert", bound=">= 1")

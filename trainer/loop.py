@@ -19,6 +19,7 @@ from core.errors import UserError
 from core.redact import public_dict
 from modeling.registry import build_model, get_model_spec, model_config
 from trainer.best_checkpoint import BestCheckpoint
+from trainer.compile import compile_model
 from trainer.classification import ClassificationTask, resolve_classifier_args
 from trainer.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
 from trainer.checkpoint_store import RemoteCheckpoints
@@ -180,6 +181,7 @@ class Trainer:
         self.model = model  # the module itself (the engine may wrap it): reconstructions and samples
         self._last_plot = -math.inf
         self.sampler = self._sampler(model) if cfg.eval.sample_every else None
+        compile_model(model, cfg.engine, self.device)  # engine.compile: its blocks, in place, before the engine wraps it
         self.engine = build_engine(cfg, model, self.device, self.dist_env.world_size, self.schedule)
         assert self.engine.world_size == self.dist_env.world_size, (self.engine.world_size, self.dist_env.world_size)
 

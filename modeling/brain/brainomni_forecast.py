@@ -319,6 +319,10 @@ class BrainOmniCausalForecast(nn.Module):
             load_tokenizer_weights(self, path)
         self.quantizer.requires_grad_(False)
 
+    def compile_units(self) -> list[nn.Module]:
+        """The blocks engine.compile compiles one by one (the frozen codebooks are lookups)."""
+        return list(self.blocks)
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.use_gradient_checkpointing = enabled
 

@@ -322,7 +322,13 @@ class BrainOmniCausalTokenizer(TokenizerModel):
                                                     config.amplitude_loss_weight, config.phase_loss_weight)
         self.set_gradient_checkpointing(config.use_gradient_checkpointing)
 
+    def compile_units(self) -> list[nn.Module]:
+        """What engine.compile compiles: the encoder's and decoder's conv stacks. The quantizer stays
+        eager: its EMA codebook updates and dead-code resets are data-dependent."""
+        return [self.encoder, self.decoder]
+
     # ------------------------------------------------------------- variant hooks
+
     @property
     def token_dim(self) -> int:
         return self.config.n_dim

@@ -204,6 +204,11 @@ class TotemVQVAE(TokenizerModel):
         self.decoder = TotemDecoder(config)
         self.set_gradient_checkpointing(config.use_gradient_checkpointing)
 
+    def compile_units(self) -> list[nn.Module]:
+        """What engine.compile compiles: the encoder's and decoder's conv stacks. The quantizer stays
+        eager: its EMA codebook updates and dead-code resets are data-dependent."""
+        return [self.encoder, self.decoder]
+
     def _series(self, signal: torch.Tensor) -> tuple[torch.Tensor, RevINStats]:
         """(B, C, T) -> normalised series (B C, 1, T) and their RevIN statistics (B, C, 1)."""
         if signal.dim() != 3:

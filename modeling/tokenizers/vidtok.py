@@ -475,6 +475,11 @@ class Vidtok(TokenizerModel):
         self.loss_fn = VidtokLoss(config)
         self.set_gradient_checkpointing(config.use_gradient_checkpointing)
 
+    def compile_units(self) -> list[nn.Module]:
+        """What engine.compile compiles: the encoder's and decoder's conv stacks. The quantizer stays
+        eager: its EMA codebook updates and dead-code resets are data-dependent."""
+        return [self.encoder, self.decoder]
+
     def _build_quantizer(self, config: VidtokConfig) -> nn.Module:
         return FiniteScalarQuantizer(config.fsq_levels, dim=config.z_channels, commitment_weight=config.fsq_commitment_weight)
 
