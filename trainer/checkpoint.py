@@ -361,9 +361,25 @@ class CheckpointManager:
         distributed.barrier()
 
     def resolve(self, resume: str | None) -> Path | None:
-        """`--resume auto|best|PATH` -> a complete checkpoint folder (None: start fresh)."""
+        """`--resume auto|best|PATH` -> a complete checkpoint folder (None: start fresh). Collective: rank 0
+        alone reads the checkpoints' markers and checks their files (a marker lists every rank's files, so
+        it grows with the world size) and broadcasts the answer, or its one-line error."""
         if not resume:
             return None
+        if resume == "auto" and self.remote is not None:
+            self._fetch_remote_latest()
+        answer = None
+        if distributed.rank() == 0:
+            try:
+                answer = (self._resolve(resume), None)
+            except UserError as error:
+                answer = (None, str(error))
+        path, error = distributed.broadcast_object(answer)
+        if error is not None:
+            raise UserError(error)
+        return path
+
+    def _resolve(self, resume: str) -> Path | None:
         if resume == "best":
             if not (self.root / BEST_FILE).is_file():
                 raise UserError(f"--resume best: {self.root} has no {BEST_FILE} pointer (a run with checkpoint.keep_best "
@@ -373,8 +389,6 @@ class CheckpointManager:
             except UserError as error:
                 raise UserError(f"--resume best: {error}") from None
         if resume == "auto":
-            if self.remote is not None:
-                self._fetch_remote_latest()
             latest = self.latest()
             complete = self.complete_checkpoints()
             if latest is None and complete:  # not a fresh start over damaged checkpoints: say so
