@@ -57,7 +57,7 @@ def test_blocks_are_the_layers_of_each_family():
 def test_compiled_run_trains_as_eager_and_checkpoints_interchange(eager_run, tmp_path, token_dataset, caplog):
     caplog.set_level(logging.INFO, logger="tokfleet.compile")
     compiled_run = train(tmp_path, token_dataset, "compiled", True)
-    assert "engine.compile: GPT: 2 blocks compiled (Block)" in caplog.text
+    assert "engine.compile: GPT: 3 blocks compiled (Block, TokenCrossEntropy)" in caplog.text  # 2 layers and the loss
     eager_losses, compiled_losses = losses(eager_run), losses(compiled_run)
     assert list(compiled_losses) == [1, 2, 3]
     assert list(compiled_losses.values()) == pytest.approx(list(eager_losses.values()), rel=RTOL)
@@ -76,7 +76,7 @@ def test_two_ranks_zero2_compiled_train_as_one_rank_eager(tmp_path, token_datase
     config = write_config(tmp_path, token_dataset, "zero2-compiled", {"kind": "deepspeed", "zero_stage": 2, "compile": True},
                           micro=MICRO, steps=STEPS, data=NO_VALIDATION)
     result = run("torchrun", 2, config)
-    assert "engine.compile: GPT: 2 blocks compiled (Block)" in result.stdout + result.stderr
+    assert "engine.compile: GPT: 3 blocks compiled (Block, TokenCrossEntropy)" in result.stdout + result.stderr
     assert list(losses(tmp_path / "zero2-compiled").values()) == pytest.approx(list(losses(eager_run).values()), rel=RANKS_RTOL)
 
 
@@ -98,11 +98,12 @@ def test_a_block_that_cannot_compile_runs_eager_with_one_log_line(monkeypatch, c
             loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
         losses_by_mode[is_compiled] = (loss.item(), model.blocks[0].attn.c_q.weight.grad.clone())
-    assert not any("forward" in vars(block) for block in model.blocks)  # the class's eager forward again
+    assert not any("forward" in vars(block) for block in [*model.blocks, model.cross_entropy])  # eager forwards again
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1, warnings
+    assert len(warnings) == 2, warnings  # one line per block class: the layers, the loss
     assert warnings[0].startswith("engine.compile: GPT Block (blocks.0 and 1 more) could not compile and runs eager: ")
-    assert "C++ compiler" in warnings[0]
+    assert warnings[1].startswith("engine.compile: GPT TokenCrossEntropy (cross_entropy) could not compile and runs eager: ")
+    assert all("C++ compiler" in warning for warning in warnings)
     assert losses_by_mode[True][0] == losses_by_mode[False][0]
     torch.testing.assert_close(losses_by_mode[True][1], losses_by_mode[False][1], rtol=0, atol=0)
 

@@ -168,6 +168,15 @@ class Block(nn.Module):
         return x + self.mlp_dropout(self.mlp(self.mlp_norm(x)))
 
 
+class TokenCrossEntropy(nn.Module):
+    """The language-modelling loss over logits (B, T, V), in fp32 (bf16 logits lose too much precision over
+    a large vocabulary). A module without parameters, so engine.compile can compile it on its own: fused,
+    the fp32 cast, log-softmax and its backward pass over the logits once instead of four times."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
 class GPT(nn.Module):
     _no_split_modules = ["Block"]  # the unit engines shard or wrap one by one (FSDP), as in HF models
 
@@ -180,8 +189,14 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer_idx) for layer_idx in range(config.n_layer))
         self.final_norm = RMSNorm()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.cross_entropy = TokenCrossEntropy()
         self.rotary = RotaryEmbedding(config.head_dim, config.sequence_len)
         self.use_gradient_checkpointing = config.use_gradient_checkpointing
+
+    def compile_units(self) -> list[nn.Module]:
+        """What engine.compile compiles: each block, and the loss over the logits (the lm_head stays an eager
+        module call, so engines that gather or shard its weight in hooks keep doing so)."""
+        return [*self.blocks, self.cross_entropy]
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -273,8 +288,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
-        # fp32 for the softmax: bf16 logits lose too much precision over a large vocabulary.
-        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        loss = self.cross_entropy(logits, targets)
         # training only: an eval loss stays the plain cross-entropy, comparable with dense models
         aux_loss = moe_aux_loss(block.mlp for block in self.blocks) if self.training else None
         return loss if aux_loss is None else loss + aux_loss
