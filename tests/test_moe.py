@@ -255,6 +255,21 @@ def test_only_the_dispatch_module_of_modeling_imports_distributed_code():
 
 # ----------------------------------------------------- 2 ranks, experts split
 
+# the MoE GPT both 2-rank scripts build: one MoE layer of 4 experts, output projections randomised so
+# every path carries signal
+MOE_GPT = r"""
+def gpt(seed=1):
+    torch.manual_seed(seed)
+    model = build_model("gpt", "debug", {"vocab_size": 64, "sequence_len": 16, "moe_num_experts": 4, "moe_layers": "1",
+                                         "moe_capacity_factor": 1.0, "moe_aux_loss_weight": 0.1})
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("c_proj.weight", "w_out")) or name == "lm_head.weight":
+                nn.init.normal_(param, std=0.1)
+    return model
+"""
+
+
 EXPERT_PARALLEL = r"""
 import copy, gc, sys
 from pathlib import Path
@@ -299,15 +314,7 @@ for mode in ("train", "eval"):  # with capacity drops, and without
 
 # the DeepSpeed engine: gradients equal one device's for the mean of the ranks' losses (ZeRO 0 and 2),
 # and a ZeRO-0 checkpoint (per-expert-rank optimizer files) restores the training
-def gpt(seed=1):
-    torch.manual_seed(seed)
-    model = build_model("gpt", "debug", {"vocab_size": 64, "sequence_len": 16, "moe_num_experts": 4, "moe_layers": "1",
-                                         "moe_capacity_factor": 1.0, "moe_aux_loss_weight": 0.1})
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("c_proj.weight", "w_out")) or name == "lm_head.weight":
-                nn.init.normal_(param, std=0.1)
-    return model
+{MOE_GPT}
 
 def engine(model, stage):
     optim = OptimConfig(lr=1e-2, micro_batch_size=2, warmup_steps=0, schedule="constant", grad_clip=0.0)
@@ -355,7 +362,7 @@ dist.destroy_process_group()
 
 def test_expert_parallel_equals_one_device(tmp_path):
     script = tmp_path / "expert_parallel.py"
-    script.write_text(EXPERT_PARALLEL)
+    script.write_text(EXPERT_PARALLEL.replace("{MOE_GPT}", MOE_GPT))
     (tmp_path / "checkpoint").mkdir()
     command = [*launcher_command("torchrun", 2, script=str(script)), str(tmp_path / "checkpoint")]
     result = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=TIMEOUT)
@@ -389,15 +396,7 @@ dist.init_process_group("gloo")
 rank, ranks = dist.get_rank(), dist.get_world_size()  # 2 ranks: experts split over both; 1: all experts on it
 root, steps = Path(sys.argv[1]), sys.argv[2:]
 
-def gpt(seed):
-    torch.manual_seed(seed)
-    model = build_model("gpt", "debug", {"vocab_size": 64, "sequence_len": 16, "moe_num_experts": 4, "moe_layers": "1",
-                                         "moe_capacity_factor": 1.0, "moe_aux_loss_weight": 0.1})
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("c_proj.weight", "w_out")) or name == "lm_head.weight":
-                nn.init.normal_(param, std=0.1)
-    return model
+{MOE_GPT}
 
 def engine(seed=1):
     # the same global batch: 2 ranks x 1 micro-batch, or 1 rank x 2 micro-batches, each routing the tokens a rank
@@ -468,7 +467,7 @@ def test_experts_are_repartitioned_for_another_expert_parallel_size(tmp_path):
     resume at the other size: every expert, its fp32 master and Adam moments equal, bit for bit, what
     the writing run held, and the losses follow the writing run's."""
     script = tmp_path / "resize.py"
-    script.write_text(RESIZE)
+    script.write_text(RESIZE.replace("{MOE_GPT}", MOE_GPT))
     for ranks, steps in [(1, ["write"]), (2, ["write", "resume"]), (1, ["resume"])]:
         command = [*launcher_command("torchrun", ranks, script=str(script)), str(tmp_path), *steps]
         result = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=TIMEOUT)
