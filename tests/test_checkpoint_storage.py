@@ -50,15 +50,21 @@ def remote(url: str, s3_server) -> RemoteCheckpoints:
     return RemoteCheckpoints(url, s3_server.storage_options())
 
 
+def break_upload_of_step_4(tmp_path, name: str, process, s3_server) -> None:
+    """Stop the S3 gateway once run `name`'s local checkpoint of step 4 is complete (so while it
+    uploads), and wait until the run logs a retried upload."""
+    wait_for(lambda: (tmp_path / name / "checkpoints/step-00000004/COMPLETE").is_file() or None, process)
+    s3_server.stop_gateway()
+    wait_for(lambda: "failed transiently" in (tmp_path / f"{name}.log").read_text() or None, process)
+
+
 def test_gateway_restart_and_kill_mid_upload(s3_server, bucket, token_dataset, tmp_path):
     # the endpoint goes away when the local checkpoint of step 4 is complete, i.e. while it uploads
     url = f"{bucket}/restarted"
     config = s3_config(tmp_path, token_dataset, "restarted", url, s3_server)
     process = start(config, tmp_path / "restarted.log")
     try:
-        wait_for(lambda: (tmp_path / "restarted/checkpoints/step-00000004/COMPLETE").is_file() or None, process)
-        s3_server.stop_gateway()
-        wait_for(lambda: "failed transiently" in (tmp_path / "restarted.log").read_text() or None, process)
+        break_upload_of_step_4(tmp_path, "restarted", process, s3_server)
         s3_server.start_gateway()
         assert process.wait(timeout=300) == 0, (tmp_path / "restarted.log").read_text()[-3000:]
     finally:
@@ -72,9 +78,7 @@ def test_gateway_restart_and_kill_mid_upload(s3_server, bucket, token_dataset, t
     config = s3_config(tmp_path, token_dataset, "killed", url, s3_server)
     process = start(config, tmp_path / "killed.log")
     try:
-        wait_for(lambda: (tmp_path / "killed/checkpoints/step-00000004/COMPLETE").is_file() or None, process)
-        s3_server.stop_gateway()
-        wait_for(lambda: "failed transiently" in (tmp_path / "killed.log").read_text() or None, process)
+        break_upload_of_step_4(tmp_path, "killed", process, s3_server)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
