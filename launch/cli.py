@@ -106,7 +106,8 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from sharding import storage
-    from sharding.analysis import AnalyzeOptions, analyze, format_report
+    from sharding.analysis import AnalyzeOptions, analyze
+    from sharding.analysis_report import format_report
 
     with exit_on_user_error(args.debug):
         out = args.out

@@ -14,7 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from sharding.analysis import DENSE_HEATMAP_VOCAB, Counts, Distribution, conditional_entropy, entropy
+from sharding.analysis import Distribution
+from sharding.token_counts import Counts, conditional_entropy, entropy
+
+DENSE_HEATMAP_VOCAB = 4096  # a full transition heatmap up to this vocabulary; the most used ids beyond
 
 HEATMAP_TOP = 64  # beyond DENSE_HEATMAP_VOCAB: the transitions among the most used ids
 USAGE_BINS = 1024  # usage by id: ids grouped into at most this many bins (the plot is ~800 pixels wide)
@@ -55,6 +58,7 @@ def _save(fig, path: Path, **margins) -> Path:
     from matplotlib.ticker import LogLocator, MaxNLocator
 
     for ax in fig.axes:
+        ax.set_title(ax.get_title(), y=1.0)  # a fixed place: placing it above the tick labels measures them all
         for axis in (ax.xaxis, ax.yaxis):
             locator = axis.get_major_locator()
             if isinstance(locator, MaxNLocator):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from sharding.analysis import AnalyzeOptions, _mix, _sketch, _sketch_estimate, analyze
+from sharding.analysis import AnalyzeOptions, analyze
+from sharding.token_counts import mix, sketch, sketch_estimate
 from sharding.manifest import FORMAT_VERSION, Manifest, ShardRecord
 from sharding.shards import sample_key, shard_name, write_shard
 from sharding.token_grid import TokenGrid
@@ -202,19 +203,19 @@ def test_pattern_counts_are_exact_and_the_unlisted_bounded(tmp_path):
 
 def test_distinct_count_sketch():
     values = np.random.default_rng(3).choice(2**40, size=300_000, replace=False).astype(np.uint64)
-    sketch = _sketch(np.concatenate([_sketch(_mix(values[:150_000])), _sketch(_mix(values[150_000:]))]))
-    estimate, exact = _sketch_estimate(sketch)
+    merged = sketch(np.concatenate([sketch(mix(values[:150_000])), sketch(mix(values[150_000:]))]))
+    estimate, exact = sketch_estimate(merged)
     assert not exact and abs(estimate / 300_000 - 1) < 0.02
-    assert _sketch_estimate(_sketch(_mix(values[:1000])))[0] == 1000
+    assert sketch_estimate(sketch(mix(values[:1000])))[0] == 1000
 
 
 def test_memory_does_not_grow_with_the_number_of_shards(tmp_path, monkeypatch):
     """Memory is bounded by two constants, not by the data: decoded samples kept between the passes
     (CACHE_BYTES) and sparse tables gathered before a merge (PENDING_ENTRIES); both made small here."""
-    from sharding import analysis
+    from sharding import analysis, token_counts
 
     monkeypatch.setattr(analysis, "CACHE_BYTES", 0)
-    monkeypatch.setattr(analysis, "PENDING_ENTRIES", 20_000)
+    monkeypatch.setattr(token_counts, "PENDING_ENTRIES", 20_000)
     rng = np.random.default_rng(4)
 
     def peak(num_shards: int) -> int:

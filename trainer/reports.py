@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from modeling.reports import collect, reporting_modules
-from sharding.analysis import entropy
+from sharding.token_counts import entropy
 from trainer import distributed
 
 MAX_LISTED_ENTRIES = 64

@@ -6,8 +6,9 @@ noise hits both alike) the ShardLoader reads and decodes every train sample once
 makes its two passes (counts, then per-sample likelihoods) and writes its report and plots.
 Goal: analyze >= 0.5x the loader's tokens/s (the analysis is not the slow part); also timed without the
 PNGs, whose cost does not grow with the data. Both read every shard the same way (tarfile, sha256,
-fields): that alone is ~0.7 of the loader's time, which leaves ~1.3 loader-times for counting, scoring,
-the report and the PNGs.
+fields): that alone is ~0.7 of the loader's time. The loader reads in this process; analyze reads in a
+forked reader process while this one counts (a pipeline), and draws pass 1's PNGs in another, so its CPU
+seconds (all its processes) are reported beside the wall-clock ratio.
 
     make bench     # or: pytest -s tests/bench/test_analyze_bench.py
 """
@@ -15,6 +16,7 @@ the report and the PNGs.
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,13 +50,19 @@ def test_analyze_throughput(tmp_path):
     def passes() -> int:  # the two streaming passes and the report, without the PNGs (a fixed cost)
         return analyze(str(dataset), tmp_path / "analysis-json", AnalyzeOptions(plots=False))["num_samples"]
 
+    def cpu_seconds() -> float:  # this process and its reaped children (analyze joins its helpers)
+        return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                   for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
     times = {"loader": [], "analyze": [], "passes": []}
+    cpu = {"loader": [], "analyze": [], "passes": []}
     for round_index in range(NUM_ROUNDS):
         order = [("loader", loader), ("analyze", analysis), ("passes", passes)][:: 1 if round_index % 2 == 0 else -1]
         for name, fn in order:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), cpu_seconds()
             assert fn() == manifest.num_samples("train")
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(cpu_seconds() - start_cpu)
     ratios = [l / a for l, a in zip(times["loader"], times["analyze"])]
     pass_ratios = [l / a for l, a in zip(times["loader"], times["passes"])]
     row = {"num_tokens": num_tokens, "vocab_size": manifest.vocab_size, "num_shards": len(manifest.shards_of("train")),
@@ -63,12 +71,13 @@ def test_analyze_throughput(tmp_path):
            "analyze_over_loader": statistics.median(ratios),
            "passes_tokens_per_s": num_tokens / statistics.median(times["passes"]),
            "passes_over_loader": statistics.median(pass_ratios),
-           "plots_s": statistics.median(a - p for a, p in zip(times["analyze"], times["passes"]))}
-    print(f"\n{'tokens':>10s} {'loader tok/s':>13s} {'analyze tok/s':>14s} {'analyze/loader':>15s} {'no PNGs/loader':>15s} {'PNGs s':>7s}")
+           "plots_s": statistics.median(a - p for a, p in zip(times["analyze"], times["passes"])),
+           "cpu_s": {name: statistics.median(values) for name, values in cpu.items()}}
+    print(f"\n{'tokens':>10s} {'loader tok/s':>13s} {'analyze tok/s':>14s} {'analyze/loader':>15s} {'no PNGs/loader':>15s} {'PNGs s':>7s}"
+          f" {'CPU s: loader':>14s} {'analyze':>8s} {'no PNGs':>8s}")
     print(f"{num_tokens:10d} {row['loader_tokens_per_s']:13.0f} {row['analyze_tokens_per_s']:14.0f} {row['analyze_over_loader']:15.2f} "
-          f"{row['passes_over_loader']:15.2f} {row['plots_s']:7.2f}")
+          f"{row['passes_over_loader']:15.2f} {row['plots_s']:7.2f} {row['cpu_s']['loader']:14.2f} {row['cpu_s']['analyze']:8.2f} "
+          f"{row['cpu_s']['passes']:8.2f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "analyze.json").write_text(json.dumps(row, indent=1) + "\n")
-    # goal >= 0.5x end to end (README reports whether it is met: 0.44-0.49x, ~0.57x without PNGs, on the
-    # shared 2-core machine); floors well below it that still catch a regression to the old 0.15x / 0.21x:
-    assert row["analyze_over_loader"] >= 0.3 and row["passes_over_loader"] >= 0.35, row
+    assert row["analyze_over_loader"] >= 0.5, row  # the goal
