@@ -156,6 +156,12 @@ class AccelerateEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: the grad scaler's current scale; else None."""
+        scaler = self.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None else None
+
 
 class AccelerateDDPEngine(AccelerateEngine):
     format = "torch"

@@ -332,6 +332,12 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: DeepSpeed's dynamic loss scale (its optimizers' `loss_scale`); else None."""
+        scale = getattr(self.ds.optimizer, "loss_scale", None) if "fp16" in self.config else None
+        return float(scale) if scale is not None else None
+
     # -------------------------------------------------------------- checkpoint
 
     def save_checkpoint(self, directory: Path) -> None:

@@ -98,6 +98,11 @@ class SingleDeviceEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: the grad scaler's current scale (it halves on an overflow, the step skipped); else None."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
+
     def describe(self) -> dict:
         return {"precision": self.precision}
 
