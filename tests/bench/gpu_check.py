@@ -3,7 +3,10 @@
 1. `tokfleet train` of the GPT `full` flavor (20 x 1280, vocab 65,536: 561M parameters) on the stdlib
    shards packed at 2,048 tokens: bf16 with `engine.compile` on, then bf16 eager, then fp16 (grad scaler);
    tokens/s and MFU from metrics.jsonl (the peak is the datasheet's, named in `peak_source`).
-2. One bf16 training step of each tokenizer and of each FlatGPT variant at its `full` flavor (single-device
+2. Resume on the GPU: a bf16 run stopped at step 6 and resumed (`--resume auto`) against the same run
+   straight through (single-device engine), and the same under Accelerate FSDP2 (`accelerate launch`, one
+   process, NCCL): losses step by step.
+3. One bf16 training step of each tokenizer and of each FlatGPT variant at its `full` flavor (single-device
    engine, fused AdamW), then the tokenizers encode a batch as a pretokenize actor does (no Ray on that
    machine): step time, encode time, peak memory.
 
@@ -56,6 +59,38 @@ def train_run(name: str, dataset: str, out: Path, runs: Path, settings: list[str
             "mfu": [round(record.get("mfu", 0.0), 4) for record in steady], "best_mfu": best.get("mfu"),
             "peak_flops": best.get("peak_flops"), "peak_source": best.get("peak_source"),
             "loss_scale": [record.get("loss_scale") for record in records], "compile": [line for line in result.stderr.splitlines() if "compil" in line][-3:]}
+
+
+def resume_check(name: str, dataset: str, out: Path, runs: Path, launcher: list[str], settings: list[str], timeout_s: float) -> dict:
+    """gpt small, 12 steps straight vs stopped at 6 and resumed: the per-step losses of both."""
+    common = [f"data.dataset={dataset}", "logging.wandb=false", "logging.progress=false", "logging.every_steps=1",
+              "checkpoint.every_steps=6", "eval.every_steps=0", "data.val_split=", "run.max_steps=12", "optim.micro_batch_size=4",
+              "engine.compile=false", *settings]
+
+    def train(run: str, *extra: str) -> subprocess.CompletedProcess:
+        values = [*common, f"run.output_dir={runs / run}", f"run.name={run}"]
+        command = [*launcher, str(CONFIG), *(part for value in values for part in ("--set", value)), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+        with open(out / f"{name}.log", "a") as log:
+            log.write(f"$ {' '.join(command)}\n{result.stdout[-6000:]}{result.stderr[-6000:]}\n")
+        if result.returncode != 0:
+            raise RuntimeError(f"{run} {' '.join(extra)}: exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
+        return result
+
+    def losses(run: str) -> dict[int, float]:
+        lines = (runs / run / "metrics.jsonl").read_text().splitlines()
+        return {record["step"]: record["loss"] for record in map(json.loads, filter(None, lines))}
+
+    try:
+        train(f"{name}-straight")
+        train(f"{name}-resumed", "--stop-at-step", "6")
+        train(f"{name}-resumed", "--resume", "auto")
+    except (RuntimeError, subprocess.TimeoutExpired) as error:
+        return {"error": str(error)[:500]}
+    straight, resumed = losses(f"{name}-straight"), losses(f"{name}-resumed")
+    return {"straight": straight, "resumed": resumed, "steps_equal": sorted(straight) == sorted(resumed),
+            "max_abs_diff": max(abs(straight[step] - resumed[step]) for step in straight if step in resumed),
+            "bitwise": straight == resumed}
 
 
 def batch_for(model, batch_size: int, device):
@@ -118,7 +153,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="gpu_check.json and each run's log and metrics.jsonl")
     parser.add_argument("--runs", default=None, help="the runs' directories (default: OUT/runs)")
     parser.add_argument("--smoke", action="store_true", help="debug flavors on the CPU: checks this script, measures nothing")
-    parser.add_argument("--only", choices=("train", "steps"), default=None)
+    parser.add_argument("--only", choices=("train", "resume", "steps"), default=None)
     parser.add_argument("--runs-named", nargs="*", default=None, help="only these train runs")
     args = parser.parse_args()
     import torch
@@ -149,6 +184,19 @@ def main() -> None:
                 continue
             results[name] = train_run(name, args.dataset, out, Path(args.runs or out / "runs"), [*flavor, *device_setting, *settings], timeout_s * (3 if smoke else 1))
             save(name)
+    if args.only in (None, "resume"):
+        runs_dir = Path(args.runs or out / "runs")
+        flavor = ["model.flavor=debug"] if smoke else ["model.flavor=small", "engine.precision=bf16"]
+        device_setting = ["run.device=cpu"] if smoke else ["run.device=cuda"]
+        results["resume_single"] = resume_check("resume_single", args.dataset, out, runs_dir, [sys.executable, "-m", "trainer"],
+                                                [*flavor, *device_setting], 300)
+        save("resume_single")
+        # FSDP2 under accelerate, one process: NCCL on the GPU (gloo on a CPU)
+        accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+                      "--num_processes", "1", "-m", "trainer"]
+        results["resume_fsdp"] = resume_check("resume_fsdp", args.dataset, out, runs_dir, accelerate,
+                                              [*flavor, "engine.kind=accelerate"], 300)
+        save("resume_fsdp")
     if args.only in (None, "steps"):
         flavor = "debug" if smoke else "full"
         for name in (*TOKENIZERS, *FLATGPTS):

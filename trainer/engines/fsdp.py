@@ -1,6 +1,9 @@
 """FSDP through Accelerate: FSDP2 full sharding, checkpoints in torch.distributed.checkpoint (DCP).
 
-Every rank holds 1/W of each parameter, gradient and optimizer state. Checkpoints are DCP
+Every rank holds 1/W of each parameter, gradient and optimizer state. In bf16 / fp16 the blocks compute
+with parameters in that precision and gradients are reduced in fp32, and the model's output (its
+loss) keeps the dtype it was computed in, as torchtitan does (Accelerate's default policy reduces in
+bf16 and casts the loss to bf16: on an H200 the logged loss came out in steps of 1/16). Checkpoints are DCP
 folders (`<checkpoint>/dcp/`, one file per rank plus metadata) holding the model and AdamW
 states; DCP reshards on load, so a checkpoint of W ranks resumes on any W'. The LR schedule's
 state is small and identical on every rank: rank 0 writes it next to them.
@@ -46,12 +49,16 @@ class AccelerateFSDPEngine(AccelerateEngine):
         from accelerate import Accelerator
         from accelerate.state import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+        from torch.distributed.fsdp import MixedPrecisionPolicy
         from torch.distributed.tensor import DTensor
 
+        compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine_cfg.precision)
         plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=_block_classes(model), state_dict_type="SHARDED_STATE_DICT",
             cpu_ram_efficient_loading=False, sync_module_states=False,
+            mixed_precision_policy=None if compute_dtype is None else
+            MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32),
         )
         self.accelerator = Accelerator(fsdp_plugin=plugin, kwargs_handlers=process_group_kwargs(device),
                                        mixed_precision=MIXED_PRECISION[engine_cfg.precision], step_scheduler_with_optimizer=False)
