@@ -29,7 +29,7 @@ demo: setup
 test: setup ops
 	# SLURM and Ceph radosgw from apt, while the network is there (the suite runs without it)
 	$(PY) tests/system_packages.py
-	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(CONFINED) $(PY) -m pytest -q tests --ignore=tests/bench
+	RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline $(CONFINED) $(PY) -m pytest -q --durations=20 tests --ignore=tests/bench
 
 bench: setup ops
 	$(PY) tests/system_packages.py
