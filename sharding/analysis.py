@@ -362,7 +362,7 @@ def _map(load: Callable, work: Callable, shards: list[ShardRecord], args: tuple,
                 loaded = kept.pop(shard.name) if shard.name in kept else next(loads)
                 yield work(shard, *loaded, *args)
         finally:
-            getattr(loads, "close", lambda: None)()
+            loads.close()  # a forked reader still running (an error here) is stopped
         return
     import ray
 
@@ -393,46 +393,62 @@ def _can_fork() -> bool:
 
 
 def _forked_map(function: Callable, items: list) -> Iterator[Any]:
-    """function(item) for each item, in order. Where _can_fork, a forked process started now computes them
-    ahead of the caller (the pipe holds it back: at most about one item ahead); else they are computed here
-    as the caller asks. For reading shards and drawing PNGs: both are Python that holds the GIL, so only a
-    process runs them beside this one's work (a thread slowed the work about as much as it helped)."""
+    """function(item) for each item, in order, as an iterator with close(). Where _can_fork, a forked process
+    started now computes them ahead of the caller (the pipe holds it back: at most about one item ahead);
+    else they are computed here as the caller asks. For reading shards and drawing PNGs: both are Python
+    that holds the GIL, so only a process runs them beside this one's work (a thread slowed the work about
+    as much as it helped)."""
     if not items or not _can_fork():
-        return map(function, items)
-    context = multiprocessing.get_context("fork")
-    receive, send = context.Pipe(duplex=False)
+        return (function(item) for item in items)
+    return _Forked(function, items)
 
-    def child():
-        for item in items:
-            try:
-                result = True, function(item)
-            except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
-                send.send((False, error))
-                return
-            send.send(result)
 
-    process = context.Process(target=child, daemon=True)
-    process.start()
-    send.close()
-
-    def results() -> Iterator[Any]:
+def _send_all(function: Callable, items: list, send) -> None:
+    """The forked process of _Forked: each result, or the first error, down the pipe."""
+    for item in items:
         try:
-            for _ in items:
-                try:
-                    is_done, value = receive.recv()
-                except EOFError:
-                    process.join()
-                    raise RuntimeError(f"analyze's helper process ended early (exit code {process.exitcode})") from None
-                if not is_done:
-                    raise value
-                yield value
-        finally:
-            if process.is_alive():
-                process.terminate()
-            process.join()
-            receive.close()
+            result = True, function(item)
+        except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
+            send.send((False, error))
+            return
+        send.send(result)
 
-    return results()
+
+class _Forked:
+    """The results of a forked _send_all, in order; close() (also after the last or an error) stops and
+    reaps the process, whether or not it was ever read."""
+
+    def __init__(self, function: Callable, items: list):
+        context = multiprocessing.get_context("fork")
+        self._receive, send = context.Pipe(duplex=False)
+        self._left = len(items)
+        self._process = context.Process(target=_send_all, args=(function, items, send), daemon=True)
+        self._process.start()
+        send.close()
+
+    def __iter__(self) -> _Forked:
+        return self
+
+    def __next__(self) -> Any:
+        if not self._left:
+            self.close()
+            raise StopIteration
+        try:
+            is_done, value = self._receive.recv()
+        except EOFError:
+            self.close()
+            raise RuntimeError(f"analyze's helper process ended early (exit code {self._process.exitcode})") from None
+        self._left -= 1
+        if not is_done:
+            self.close()
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+        self._receive.close()
 
 
 def analyze(url: str, out: str | Path, options: AnalyzeOptions | None = None,
@@ -495,16 +511,21 @@ def analyze(url: str, out: str | Path, options: AnalyzeOptions | None = None,
     # a per-token NLL under the data's own MLE bigram model is at most log(number of transitions)
     distribution = Distribution(high=math.log(max(int(total.transitions[1].sum()), 2)) + 1e-9)
     recounts = {n: np.zeros(len(codes), np.int64) for n, codes in model.candidates.items()}
-    for index, (bigram, candidates, shard_recounts) in enumerate(
-            _map(read_again, scored, shards, (layout, model, options.num_outliers), options, kept=cache)):
-        for n, found in shard_recounts.items():
-            recounts[n] += found
-        distribution.add(bigram)
-        for name, which, sign in OUTLIER_KINDS:
-            ranked[name] = heapq.nlargest(options.num_outliers, [*ranked[name], *candidates[name]],
-                                          key=lambda entry: sign * entry[which])
-        if progress:
-            progress(f"scored shard {index + 1}/{len(shards)}")
+    try:
+        for index, (bigram, candidates, shard_recounts) in enumerate(
+                _map(read_again, scored, shards, (layout, model, options.num_outliers), options, kept=cache)):
+            for n, found in shard_recounts.items():
+                recounts[n] += found
+            distribution.add(bigram)
+            for name, which, sign in OUTLIER_KINDS:
+                ranked[name] = heapq.nlargest(options.num_outliers, [*ranked[name], *candidates[name]],
+                                              key=lambda entry: sign * entry[which])
+            if progress:
+                progress(f"scored shard {index + 1}/{len(shards)}")
+    except BaseException:
+        if drawn is not None:
+            drawn.close()  # the PNG process, drawing or done
+        raise
     report = {"dataset": url, "name": manifest.name, "kind": manifest.kind, "split": options.split,
               "num_shards": len(shards), **summarize(total, layout.grid, text_names(root, manifest, so),
                                                      exact_patterns(total, model.candidates, recounts))}
@@ -515,9 +536,10 @@ def analyze(url: str, out: str | Path, options: AnalyzeOptions | None = None,
                                   "bigram_z": (b - distribution.mean) / std} for b, u, key, shard in entries]
                           for name, entries in ranked.items()}
     plots = []
-    if drawn:
+    if drawn is not None:
         sample_nll = draw_sample_nll(distribution, report["outliers"], out / "sample_nll.png")  # the rest still drawing
         plots = [*next(drawn), sample_nll]
+        drawn.close()
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = [str(path) for path in plots]
     storage.write_text_atomic(str(out / "analysis.json"), json.dumps(report, indent=1) + "\n")

@@ -465,8 +465,8 @@ class Trainer:
                         "epoch": self.train_batches.epoch, "epochs": self.epochs_seen(), **self.train_batches.num_skipped(),
                         **self.reports.reduce(),
                     }
-                    if getattr(self.engine, "loss_scale", None) is not None:  # fp16: the grad scaler's scale
-                        record["loss_scale"] = self.engine.loss_scale
+                    if (loss_scale := getattr(self.engine, "loss_scale", None)) is not None:  # fp16: the grad scaler's
+                        record["loss_scale"] = loss_scale
                     if getattr(self.model, "attention_kernel", None):  # which kernel an att_type really ran
                         record["attention_kernel"] = self.model.attention_kernel
                     if is_eval:

@@ -131,7 +131,7 @@ def one_step(name: str, flavor: str, batch_size: int, device, precision: str) ->
            "step_s": round(min(times[1:]), 4), "first_step_s": round(times[0], 3), "losses": [round(x, 4) for x in losses]}
     if hasattr(model, "tokenize"):
         model.eval()
-        with torch.no_grad(), engine._autocast():
+        with torch.no_grad(), torch.autocast(device.type, dtype=engine.autocast_dtype):
             for _ in range(2):
                 start = time.perf_counter()
                 codes = model.tokenize(**batch)
