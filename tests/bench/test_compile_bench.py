@@ -35,6 +35,7 @@ import torch
 
 from core.config import EngineConfig
 from modeling.registry import build_model
+from lockstep import BareLoop, run_round
 from test_distributed_bench import format_table
 from trainer.compile import compile_model
 
@@ -182,83 +183,18 @@ def trainer_config(dataset: str, run_dir: Path):
     )
 
 
-class BareLoop:
-    """The minimal loop: the same model, its blocks compiled by torch (`block.compile()`), AdamW,
-    schedule and clipping, one step per call over the batches the trainer trains on."""
-
-    def __init__(self, cfg, model_args: dict, batches: list[torch.Tensor]):
-        from trainer.optim import build_optimizer, build_scheduler
-
-        torch.manual_seed(cfg.run.seed)  # the trainer's seed_everything: the same initial weights
-        self.model = build_model("gpt", "small", model_args)
-        for block in self.model.blocks:
-            block.compile()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, TRAIN_STEPS)
-        self.grad_clip = cfg.optim.grad_clip
-        self.batches = batches
-        self.seconds: list[float] = []
-        self.losses: list[float] = []
-        self.model.train()
-
-    def step(self) -> None:
-        start = time.perf_counter()
-        tokens = self.batches[len(self.losses)]
-        loss = self.model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.losses.append(loss.item())
-        self.seconds.append(time.perf_counter() - start)
-
-    def window_losses(self, every: int) -> dict[int, float]:
-        return {step: statistics.mean(self.losses[step - every:step]) for step in range(every, len(self.losses) + 1, every)}
-
-
-def run_round(cfg, bare: BareLoop, *, is_trainer_first: bool) -> dict:
-    """A Trainer run in lockstep with the bare loop: after each trainer optimizer step one bare step
-    runs, outside the trainer's time (the trainer's step k: from the end of bare step k - 1 to the
-    end of its own optimizer step k)."""
-    from trainer.loop import Trainer
-
-    trainer = Trainer(cfg)
-    if not is_trainer_first:
-        bare.step()
-    trainer_s: list[float] = []
-    optimizer_step = trainer.engine.optimizer_step
-    resumed = time.perf_counter()
-
-    def paired_step():
-        nonlocal resumed
-        grad_norm = optimizer_step()
-        trainer_s.append(time.perf_counter() - resumed)
-        if len(bare.losses) < TRAIN_STEPS:
-            bare.step()
-        resumed = time.perf_counter()
-        return grad_norm
-
-    trainer.engine.optimizer_step = paired_step
-    trainer.train()
-    assert len(trainer_s) == len(bare.seconds) == TRAIN_STEPS, (len(trainer_s), len(bare.seconds))
-    records = [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    timed = slice(TRAIN_WARMUP_STEPS, None)
-    trainer_step, bare_step = statistics.mean(trainer_s[timed]), statistics.mean(bare.seconds[timed])
-    return {"trainer_step_s": trainer_step, "bare_step_s": bare_step, "ratio": bare_step / trainer_step,
-            "trainer_losses": {r["step"]: r["loss"] for r in records}, "bare_losses": bare.window_losses(cfg.logging.every_steps)}
-
-
 def test_compiled_trainer_vs_bare_loop(token_shards, tmp_path, summary):
     from trainer.loop import Trainer
 
     cfg = trainer_config(token_shards, tmp_path / "probe")
     probe = Trainer(cfg)
-    batches = [probe.train_batches.next_batch(step + 1)["tokens"] for step in range(TRAIN_STEPS)]
+    batches = [probe.to_batch(probe.train_batches.next_batch(step + 1), probe.device) for step in range(TRAIN_STEPS)]
     model_args = probe.model_args
     del probe
-    rounds = [run_round(trainer_config(token_shards, tmp_path / f"run-{index}"), BareLoop(cfg, model_args, batches),
-                        is_trainer_first=index % 2 == 0) for index in range(TRAIN_ROUNDS)]
+    rounds = [run_round(trainer_config(token_shards, tmp_path / f"run-{index}"),
+                        BareLoop(cfg, model_args, batches, TRAIN_STEPS, compile_blocks=True),
+                        is_trainer_first=index % 2 == 0, num_steps=TRAIN_STEPS, warmup_steps=TRAIN_WARMUP_STEPS)
+              for index in range(TRAIN_ROUNDS)]
     ratios = [r["ratio"] for r in rounds]
     tokens_per_step = BATCH * SEQ_LEN
     trainer_step = statistics.median(r["trainer_step_s"] for r in rounds)

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lockstep import BareLoop, run_round
 from test_distributed_bench import format_table
 
 RESULTS = Path(__file__).parent / "results"
@@ -188,95 +189,6 @@ def trainer_config(dataset: str, run_dir: Path):
     )
 
 
-class BareLoop:
-    """The same model, optimizer, schedule and clipping as plain PyTorch, one step per call, over
-    the batches the trainer trains on, made beforehand."""
-
-    def __init__(self, cfg, model_args: dict, batches: list[dict[str, torch.Tensor]]):
-        from modeling.registry import build_model
-        from trainer.optim import build_optimizer, build_scheduler
-
-        torch.manual_seed(cfg.run.seed)  # the trainer's seed_everything: the same initial weights
-        self.model = build_model("gpt", "small", model_args)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, TRAIN_STEPS)
-        self.grad_clip = cfg.optim.grad_clip
-        self.batches = batches
-        self.seconds: list[float] = []
-        self.losses: list[float] = []
-        self.model.train()
-
-    def step(self) -> None:
-        start = time.perf_counter()
-        batch = self.batches[len(self.losses)]
-        loss = self.model(batch["idx"], batch["targets"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.losses.append(loss.item())
-        self.seconds.append(time.perf_counter() - start)
-
-    def window_losses(self, every: int) -> dict[int, float]:
-        """What the trainer logs every `every` steps: the mean loss of the steps since the last record."""
-        return {step: statistics.mean(self.losses[step - every:step]) for step in range(every, len(self.losses) + 1, every)}
-
-
-def run_round(cfg, bare: BareLoop, *, is_trainer_first: bool) -> dict:
-    """One Trainer run in lockstep with a bare loop: after each trainer step (at the end of its
-    optimizer step) one bare step runs, outside the trainer's time. The trainer's step k is the
-    time from the end of bare step k - 1 to the end of its optimizer step k: loader, collate,
-    GridTask, forward, backward, step, and the previous step's metrics record; its phases (data,
-    layout, the engine's compute) are timed on their own too. Steps ~0.1 s apart see the same host load."""
-    from trainer.loop import Trainer
-
-    trainer = Trainer(cfg)
-    if not is_trainer_first:
-        bare.step()
-    trainer_s, data_s, layout_s, forward_backward_s, optimizer_s = [], [], [], [], []
-    engine, next_batch, to_batch = trainer.engine, trainer.train_batches.next_batch, trainer.to_batch
-    forward_backward, optimizer_step = engine.forward_backward, engine.optimizer_step
-    resumed = time.perf_counter()
-
-    def paired_step():
-        nonlocal resumed
-        start = time.perf_counter()
-        grad_norm = optimizer_step()
-        end = time.perf_counter()
-        optimizer_s.append(end - start)
-        trainer_s.append(end - resumed)
-        if len(bare.losses) < TRAIN_STEPS:
-            bare.step()
-        resumed = time.perf_counter()
-        return grad_norm
-
-    def timed(phase: list[float], call):
-        def wrapper(*args):
-            start = time.perf_counter()
-            value = call(*args)
-            phase.append(time.perf_counter() - start)
-            return value
-        return wrapper
-
-    engine.optimizer_step = paired_step
-    engine.forward_backward = timed(forward_backward_s, forward_backward)
-    trainer.train_batches.next_batch = timed(data_s, next_batch)  # shard loader + collate (uint16 -> int64)
-    trainer.to_batch = timed(layout_s, to_batch)  # GridTask: canonical grid -> (B C, T) series -> idx / targets
-    trainer.train()
-    assert len(trainer_s) == len(bare.seconds) == TRAIN_STEPS, (len(trainer_s), len(bare.seconds))
-    records = [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    timed_steps = slice(TRAIN_WARMUP_STEPS, None)
-    trainer_step, bare_step = statistics.mean(trainer_s[timed_steps]), statistics.mean(bare.seconds[timed_steps])
-    compute_s = [f + o for f, o in zip(forward_backward_s, optimizer_s)]
-    return {"trainer_step_s": trainer_step, "bare_step_s": bare_step, "ratio": bare_step / trainer_step,
-            "step_ratios": [b / t for t, b in zip(trainer_s[timed_steps], bare.seconds[timed_steps])],
-            "data_s": statistics.mean(data_s[timed_steps]), "layout_s": statistics.mean(layout_s[timed_steps]),
-            "compute_s": statistics.mean(compute_s[timed_steps]),
-            "trainer_losses": {r["step"]: r["loss"] for r in records},
-            "bare_losses": bare.window_losses(cfg.logging.every_steps)}
-
-
 def test_forecaster_training_step_vs_bare_loop(grid_dataset, tmp_path, summary):
     from trainer.loop import Trainer
 
@@ -290,13 +202,14 @@ def test_forecaster_training_step_vs_bare_loop(grid_dataset, tmp_path, summary):
     assert idx.shape == (TRAIN_BATCH * GRID_SHAPE[0], GRID_SHAPE[1] - 1), idx.shape  # (B C, T)
     positions_per_step = idx.numel()
 
-    warm_up = BareLoop(cfg, model_args, batches)  # allocator, kernels
+    warm_up = BareLoop(cfg, model_args, batches, TRAIN_STEPS)  # allocator, kernels
     for _ in range(TRAIN_WARMUP_STEPS):
         warm_up.step()
     del warm_up
     # rounds alternate which of the pair steps first
-    rounds = [run_round(trainer_config(grid_dataset, tmp_path / f"run-{index}"), BareLoop(cfg, model_args, batches),
-                        is_trainer_first=index % 2 == 0) for index in range(TRAIN_ROUNDS)]
+    rounds = [run_round(trainer_config(grid_dataset, tmp_path / f"run-{index}"), BareLoop(cfg, model_args, batches, TRAIN_STEPS),
+                        is_trainer_first=index % 2 == 0, num_steps=TRAIN_STEPS, warmup_steps=TRAIN_WARMUP_STEPS)
+              for index in range(TRAIN_ROUNDS)]
 
     paired_ratios = [r["ratio"] for r in rounds]  # trainer throughput / bare throughput, per round
     ratio = statistics.median(paired_ratios)
